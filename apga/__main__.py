@@ -1,0 +1,5 @@
+import sys
+
+from apga.cli import main
+
+sys.exit(main())

@@ -1,0 +1,52 @@
+"""The `apga` command. Each subcommand lives in apga/commands/<name>.py and provides
+``add_parser(subparsers)`` and ``run(args) -> int``; this file only wires them up."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from apga.errors import ApgaError
+
+COMMANDS = ["train", "compare", "theory", "bench"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's own errors: one line, exit 2, no usage dump
+        sys.stderr.write(f"apga: error: {message} (see `{self.prog} --help`)\n")
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="apga",
+        description="Asynchronous policy-gradient aggregation: Rennala NIGT, Malenia NIGT, AFedPG and "
+        "synchronous NIGT on an exact simulator of heterogeneous workers, or on Ray.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"apga.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"apga.commands.{name}":
+                continue  # command not built yet
+            raise
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except ApgaError as exc:
+        sys.stderr.write(f"apga: error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("apga: interrupted; resume with `apga train --resume DIR`\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

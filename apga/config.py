@@ -1,0 +1,294 @@
+"""The run configuration: typed sections, defaults, validation, YAML I/O and ``--set`` overrides.
+
+Every field is documented here; `apga train --help` and docs point at this file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from apga.errors import ConfigError
+
+ALGORITHMS = ("rennala_nigt", "malenia_nigt", "sync_nigt", "afedpg")
+
+
+@dataclass
+class EnvConfig:
+    """What the workers sample. ``id`` is a Gymnasium id, or ``synthetic`` (known smooth functions)."""
+
+    id: str = "CartPole-v1"
+    horizon: int = 500  # H: trajectories are cut after H steps
+    gamma: float = 0.99  # discount in the GPOMDP estimator
+    kwargs: dict = field(default_factory=dict)  # passed to gymnasium.make for every worker
+    # The paper's heterogeneous environments: worker i gets flag f = i % 2 and sees ((1-2f) s, f).
+    invert_obs: bool = False
+    # Per-worker changes, a list of n mappings (or shorter: missing workers get none). Keys:
+    # kwargs (dict, merged into gymnasium.make kwargs), obs_sign / action_sign (+1 or -1),
+    # gravity (3 floats), mass_scale, friction_scale (MuJoCo model changes, factors on all bodies/geoms).
+    per_worker: list = field(default_factory=list)
+
+
+@dataclass
+class PolicyConfig:
+    hidden: list = field(default_factory=lambda: [64, 64])  # tanh MLP hidden sizes
+    init_std: float = 0.6  # initial action std of the Gaussian policy (softplus head bias)
+    # Outside the theory (bias the estimator's variance, not its mean); off by default:
+    baseline: bool = False  # subtract the per-time-step mean reward-to-go of the batch
+    normalize_returns: bool = False  # divide reward-to-go weights by their batch std
+    rollout_batch: int = 64  # trajectories rolled out together (fixed, so results never depend on processes)
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = "rennala_nigt"
+    step_size: float = 0.01  # alpha
+    momentum: float = 0.1  # eta in (0, 1]; 1 = plain normalised policy gradient
+    batch_size: int = 32  # M
+    init_batch_size: int | None = None  # M_init; default: batch_size
+    aggregation: str = "server"  # server | allreduce (AFedPG: server only)
+    cancel: bool = True  # cancel in-flight gradients at a round's end (false: finish and discard)
+    step_schedule: str = "constant"  # AFedPG: constant | delay (alpha / sqrt(1 + delay))
+
+
+@dataclass
+class WorkersConfig:
+    n: int = 10
+    # Seconds per stochastic gradient: a number, a list of n numbers, a shape name
+    # (equal | sqrt | linear | decreasing), or a mapping, see apga/runtime/timing.py.
+    compute_time: Any = "sqrt"
+    # Seconds to upload or download one d-vector, per worker: same forms, plus the shape sqrt_d.
+    comm_time: Any = 0.0
+    # Seconds per AllReduce: a number, or {bandwidth, latency, bytes_per_param} for the ring model;
+    # null = the slowest worker's comm_time.
+    allreduce_time: Any = None
+
+
+@dataclass
+class RuntimeConfig:
+    name: str = "sim"  # sim | ray
+    processes: int = 1  # rollout processes for the simulator (0 = one per core)
+    address: str | None = None  # ray: join an existing cluster (ray start); null = local
+    inject_delays: bool = False  # ray: pad each trajectory to workers.compute_time real seconds
+    worker_timeout: float = 120.0  # ray: seconds to wait for a crashed worker to come back
+
+
+@dataclass
+class BudgetConfig:
+    """Stop at the first limit reached; at least one must be set."""
+
+    time: float | None = None  # simulated (sim) or wall (ray) seconds
+    trajectories: int | None = None  # trajectories used by updates
+    iterations: int | None = 100  # model updates
+
+
+@dataclass
+class EvalConfig:
+    every: int = 10  # evaluate every this many updates (and at the last); 0 = never
+    episodes: int = 10
+    deterministic: bool = True  # act with the mean action
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 10  # write a checkpoint every this many updates (and at the end)
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    env: EnvConfig = field(default_factory=EnvConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+# --- loading, overriding, validating ---------------------------------------------------------
+
+def _did_you_mean(word: str, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are."""
+    if tp is Any:
+        return value
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if tp is list or origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return value
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    raise TypeError(f"unsupported config type {tp!r}")
+
+
+def _build(cls, data: Any, prefix: str):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        where = prefix or "the config"
+        raise ConfigError(f"{where}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown key {full!r}{_did_you_mean(str(key), names)}")
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def from_dict(data: Any) -> Config:
+    """Build and validate a Config from a nested mapping (as read from YAML)."""
+    cfg = _build(Config, data, "")
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``section.key=value`` strings (values parsed as YAML) to a nested mapping."""
+    data = _deepcopy(data)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. --set algorithm.step_size=0.01")
+        path, raw = item.split("=", 1)
+        parts = path.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"--set {item!r}: expected section.key=value with a dotted key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML") from None
+        node = data
+        for part in parts[:-1]:
+            if not isinstance(node.get(part, {}), dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is not a section")
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return data
+
+
+def _deepcopy(data):
+    if isinstance(data, dict):
+        return {k: _deepcopy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deepcopy(v) for v in data]
+    return data
+
+
+def read_yaml(path: str) -> dict:
+    """Read a YAML mapping; unreadable or malformed files raise a one-line ConfigError."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path!r} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path!r} is a directory, expected a YAML file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path!r}: {getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "syntax error"
+        raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
+    return data
+
+
+def load_config(source: str | dict | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a config from a YAML path or a mapping (None = all defaults), apply ``--set``-style
+    overrides and validate. Raises ConfigError with a one-line message on bad input."""
+    data = read_yaml(source) if isinstance(source, (str, os.PathLike)) else _deepcopy(source or {})
+    return from_dict(apply_overrides(data, overrides or []))
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate(cfg: Config) -> None:
+    """Semantic checks beyond types. Each failure names the key and the fix."""
+    a, w, e, b = cfg.algorithm, cfg.workers, cfg.env, cfg.budget
+    _require(cfg.seed >= 0, "seed", f"must be >= 0, got {cfg.seed}")
+    _require(a.name in ALGORITHMS, "algorithm.name",
+             f"unknown algorithm {a.name!r}{_did_you_mean(a.name, ALGORITHMS)}; choose one of {', '.join(ALGORITHMS)}")
+    _require(math.isfinite(a.step_size) and a.step_size > 0, "algorithm.step_size", f"alpha must be > 0, got {a.step_size}")
+    _require(0 < a.momentum <= 1, "algorithm.momentum", f"eta must be in (0, 1], got {a.momentum}")
+    _require(a.batch_size >= 1, "algorithm.batch_size", f"M must be >= 1, got {a.batch_size}")
+    _require(a.init_batch_size is None or a.init_batch_size >= 1, "algorithm.init_batch_size",
+             f"M_init must be >= 1 (or null for batch_size), got {a.init_batch_size}")
+    _require(a.aggregation in ("server", "allreduce"), "algorithm.aggregation",
+             f"must be server or allreduce, got {a.aggregation!r}")
+    _require(not (a.name == "afedpg" and a.aggregation == "allreduce"), "algorithm.aggregation",
+             "AFedPG has no AllReduce form; use server")
+    _require(a.step_schedule in ("constant", "delay"), "algorithm.step_schedule",
+             f"must be constant or delay, got {a.step_schedule!r}")
+    _require(w.n >= 1, "workers.n", f"the number of workers must be >= 1, got {w.n}")
+    _require(bool(e.id), "env.id", "give a Gymnasium id (e.g. CartPole-v1) or synthetic")
+    _require(e.horizon >= 1, "env.horizon", f"H must be >= 1, got {e.horizon}")
+    _require(0 < e.gamma <= 1, "env.gamma", f"gamma must be in (0, 1], got {e.gamma}")
+    _require(len(e.per_worker) <= w.n, "env.per_worker", f"has {len(e.per_worker)} entries for {w.n} workers")
+    _require(all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in cfg.policy.hidden),
+             "policy.hidden", f"expected a list of layer sizes >= 1, got {cfg.policy.hidden!r}")
+    _require(math.isfinite(cfg.policy.init_std) and cfg.policy.init_std > 0, "policy.init_std", "must be > 0")
+    _require(cfg.policy.rollout_batch >= 1, "policy.rollout_batch", "must be >= 1")
+    _require(cfg.runtime.name in ("sim", "ray"), "runtime.name", f"must be sim or ray, got {cfg.runtime.name!r}")
+    _require(cfg.runtime.processes >= 0, "runtime.processes", "must be >= 0 (0 = one per core)")
+    _require(any(v is not None for v in (b.time, b.trajectories, b.iterations)), "budget",
+             "set at least one of budget.time, budget.trajectories, budget.iterations")
+    _require(b.time is None or (math.isfinite(b.time) and b.time > 0), "budget.time", "must be > 0 seconds")
+    _require(b.trajectories is None or b.trajectories > 0, "budget.trajectories", "must be > 0")
+    _require(b.iterations is None or b.iterations > 0, "budget.iterations", "must be > 0")
+    _require(cfg.eval.every >= 0, "eval.every", "must be >= 0 (0 = never)")
+    _require(cfg.eval.episodes >= 1, "eval.episodes", "must be >= 1")
+    _require(cfg.checkpoint.every >= 1, "checkpoint.every", "must be >= 1")

@@ -1,0 +1,49 @@
+"""NIGT in ascent form (DESIGN 2) as small pure functions over flat float64 vectors.
+
+    theta_1     = theta_0 + alpha d_0/|d_0|,              d_0 = g(theta_0; M_init)
+    theta~_t    = theta_t + ((1-eta)/eta) (theta_t - theta_{t-1})
+    d_t         = (1-eta) d_{t-1} + eta g(theta~_t; M)
+    theta_{t+1} = theta_t + alpha d_t/|d_t|
+
+eta = 1 makes theta~_t = theta_t and d_t = g_t: plain normalised policy gradient.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class NIGTState:
+    theta: np.ndarray  # current iterate theta_t (what evaluation reports)
+    theta_prev: np.ndarray  # theta_{t-1} (equal to theta before the first step)
+    d: np.ndarray | None  # momentum d_{t-1}; None before the first gradient
+    t: int = 0  # number of steps taken
+
+    @staticmethod
+    def initial(theta0: np.ndarray) -> "NIGTState":
+        theta0 = np.asarray(theta0, dtype=np.float64)
+        return NIGTState(theta0.copy(), theta0.copy(), None, 0)
+
+
+def extrapolated_point(state: NIGTState, eta: float) -> np.ndarray:
+    """The point theta~_t where the next gradients are sampled (theta_0 before the first step)."""
+    if state.d is None or eta == 1.0:
+        return state.theta
+    return state.theta + ((1.0 - eta) / eta) * (state.theta - state.theta_prev)
+
+
+def nigt_step(state: NIGTState, g: np.ndarray, alpha: float, eta: float) -> tuple[NIGTState, bool]:
+    """One NIGT update with gradient estimate ``g``. Returns (new state, stepped).
+
+    The first gradient initialises d_0 = g. A zero momentum norm leaves theta unchanged
+    (the step is skipped, stepped = False) but the momentum is still updated.
+    The caller has already rejected non-finite ``g``.
+    """
+    d = g.copy() if state.d is None else (1.0 - eta) * state.d + eta * g
+    norm = float(np.linalg.norm(d))
+    if norm == 0.0 or not np.isfinite(norm):
+        return replace(state, d=d), False
+    theta = state.theta + (alpha / norm) * d
+    return NIGTState(theta, state.theta, d, state.t + 1), True

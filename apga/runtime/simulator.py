@@ -1,0 +1,163 @@
+"""The exact discrete-event simulator: a heap of (finish time, worker, job) on a virtual clock.
+
+It drives any protocol of apga.protocol.algorithms. Gradient *values* are asked from the oracle
+only for the jobs an update consumes: a round's stop rule depends on counts alone, so the event
+loop first decides which jobs finish in time, then one batched oracle call computes exactly those
+(cancelled or discarded jobs cost only their simulated time).
+
+Timelines (DESIGN 5):
+- server aggregation: the new point reaches worker i after comm[i]; at the stop every worker with
+  b_i > 0 uploads its sum (from the moment it stopped computing), the update happens when the
+  last upload arrives, and the next round starts then;
+- allreduce: no download (every worker applies the same step itself); one AllReduce after the stop;
+- AFedPG: gradient done -> upload comm[i] -> server step on arrival -> new point after comm[i].
+
+The whole object except oracle and time model is plain data, so pickling it is a checkpoint.
+"""
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+import numpy as np
+
+from apga.oracle.base import Oracle, WorkerBatch
+from apga.protocol.algorithms import AFedPG, RoundAlgorithm, Update
+from apga.runtime.timing import TimeModel
+
+
+@dataclass
+class Totals:
+    """Running counters logged with every update."""
+
+    iteration: int = 0  # model updates
+    trajectories: int = 0  # gradients used by updates
+    trajectories_computed: int = 0  # gradients completed, incl. discarded (cancelled ones excluded)
+    env_steps: int = 0
+    vector_comms: int = 0  # d-vector transfers; one AllReduce counts as one
+    rejected: int = 0  # non-finite gradients dropped
+
+
+@dataclass
+class Event:
+    """One update as the simulator saw it."""
+
+    time: float
+    update: Update
+    round_start: float
+    stop: float  # when the last consumed gradient finished (AFedPG: arrival at the server)
+
+
+class Simulator:
+    def __init__(self, algorithm, oracle: Oracle, times: TimeModel, aggregation: str = "server",
+                 cancel: bool = True):
+        if isinstance(algorithm, AFedPG) and aggregation != "server":
+            raise ValueError("AFedPG has no AllReduce form: use aggregation: server")
+        self.alg = algorithm
+        self.n = algorithm.n
+        self.aggregation, self.cancel = aggregation, cancel
+        self.clock = 0.0
+        self.next_job = [0] * self.n  # job counter per worker: keys the random streams
+        self.busy_until = [0.0] * self.n  # cancel: false -> a stale job occupies the worker
+        self.totals = Totals()
+        self.in_flight: list = []  # AFedPG heap: (arrival at server, worker, job, version, point)
+        self.attach(oracle, times)
+
+    def attach(self, oracle: Oracle, times: TimeModel) -> None:
+        """(Re)connect the non-picklable parts, e.g. after loading a checkpoint."""
+        self.oracle, self.times = oracle, times
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["oracle"] = state["times"] = None
+        return state
+
+    def _start_job(self, worker: int, start: float) -> tuple[float, int]:
+        job = self.next_job[worker]
+        self.next_job[worker] += 1
+        return start + self.times.compute(worker, job, start), job
+
+    def step(self) -> Event:
+        """Advance the clock to the next model update and perform it."""
+        if isinstance(self.alg, AFedPG):
+            return self._afedpg_step()
+        return self._round_step()
+
+    # --- Rennala / Malenia / synchronous rounds -------------------------------------------
+    def _round_step(self) -> Event:
+        alg, n, comm = self.alg, self.n, self.times.comm
+        t0, server = self.clock, self.aggregation == "server"
+        heap = []
+        for i in range(n):
+            start = max(t0 + (comm[i] if server else 0.0), self.busy_until[i])
+            finish, job = self._start_job(i, start)
+            heap.append((finish, i, job))
+        heapq.heapify(heap)
+        counts = [0] * n
+        used = []  # (worker, job) of every gradient this round consumes, in finishing order
+        stopped_at = [t0] * n  # when each worker stopped computing for this round
+        while True:
+            finish, i, job = heapq.heappop(heap)
+            counts[i] += 1
+            used.append((i, job))
+            stopped_at[i] = finish
+            if alg.round_done(counts):
+                stop = finish
+                break
+            if alg.keeps_working(counts, i):
+                finish, job = self._start_job(i, finish)
+                heapq.heappush(heap, (finish, i, job))
+        # Jobs still in flight were started at this round's point: cancelled at the stop, or
+        # (cancel: false) finished later and discarded, occupying their worker until then.
+        for finish, i, _ in heap:
+            if not self.cancel:
+                self.busy_until[i] = finish
+                self.totals.trajectories_computed += 1
+        if server:
+            # A worker still computing at the stop uploads then; a sync worker that met its
+            # quota uploads as soon as it is done.
+            uploaders = [i for i in range(n) if counts[i]]
+            done = max((stop if alg.keeps_working(counts, i) else stopped_at[i]) + comm[i] for i in uploaders)
+            self.totals.vector_comms += n + len(uploaders)
+        else:
+            done = stop + self.times.allreduce
+            self.totals.vector_comms += 1
+        batches = self.oracle.gradients(alg.round_point(), used)
+        update = alg.finish_round(batches)
+        self.clock = done
+        self._count(update, computed=len(used))
+        return Event(done, update, t0, stop)
+
+    # --- AFedPG ----------------------------------------------------------------------------
+    def _dispatch(self, worker: int, ready: float) -> None:
+        """Hand ``worker`` the current point at time ``ready`` (already downloaded)."""
+        version, point = self.alg.current_point()
+        finish, job = self._start_job(worker, ready)
+        arrival = finish + self.times.comm[worker]
+        heapq.heappush(self.in_flight, (arrival, worker, job, version, point))
+
+    def _afedpg_step(self) -> Event:
+        comm = self.times.comm
+        if not self.in_flight and self.totals.iteration == 0:
+            for i in range(self.n):
+                self._dispatch(i, comm[i])
+                self.totals.vector_comms += 1
+        arrival, worker, job, version, point = heapq.heappop(self.in_flight)
+        batch = self._afedpg_gradient(worker, job, point)
+        update = self.alg.apply(batch, version)
+        self.clock = arrival
+        self.totals.vector_comms += 2  # this upload and the download of the new point
+        self._dispatch(worker, arrival + comm[worker])
+        self._count(update, computed=1)
+        return Event(arrival, update, arrival, arrival)
+
+    def _afedpg_gradient(self, worker: int, job: int, point: np.ndarray) -> WorkerBatch:
+        return self.oracle.gradients(point, [(worker, job)])[worker]
+
+    def _count(self, update: Update, computed: int) -> None:
+        t = self.totals
+        t.iteration += 1
+        t.trajectories += update.used
+        t.trajectories_computed += computed
+        t.env_steps += update.env_steps
+        t.rejected += update.rejected

@@ -1,0 +1,193 @@
+"""The simulator's clock model (DESIGN 5): seconds per gradient and per vector transfer.
+
+Compute time of job j of worker i is a pure function of (seed, i, j, start time), so a
+simulation can be replayed or resumed from counters alone.
+
+``workers.compute_time`` accepts
+  - a number (every worker), a list of n numbers, or a shape name: equal | sqrt | linear | decreasing
+  - {shape: NAME, scale: S}                      shape values times S
+  - {dist: exponential|uniform|gamma|lognormal, mean: <any form above>, spread: CV}
+        random per call around each worker's mean; spread is the coefficient of variation
+        (uniform: half-width / mean, at most 1; exponential ignores it: CV = 1)
+  - {schedule: [{until: T1, times: <form>}, ..., {times: <form>}]}
+        time-varying: a job uses the segment in force when it starts
+  - {trace: PATH}    CSV with columns worker,seconds; worker i's j-th job takes its j-th listed
+        duration, cycling when the trace runs out (workers numbered from 0)
+``workers.comm_time``: a number, list, shape (also sqrt_d = sqrt(i) d^(1/4)) or {shape, scale}.
+``workers.allreduce_time``: a number, {bandwidth, latency, bytes_per_param} (ring:
+  2(n-1)/n d bytes_per_param / bandwidth + latency), or null = the slowest comm_time.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+from apga import rng
+from apga.errors import ConfigError
+from apga.shapes import shape_values
+
+DISTRIBUTIONS = ("exponential", "uniform", "gamma", "lognormal")
+
+
+def _check_times(values: Sequence[float], key: str, allow_zero: bool) -> list[float]:
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ConfigError(f"{key}: {v!r} is not a number of seconds")
+        v = float(v)
+        if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+            bound = "a finite number >= 0" if allow_zero else "a finite number > 0"
+            raise ConfigError(f"{key}: {v!r} must be {bound}")
+        out.append(v)
+    return out
+
+
+def per_worker_values(spec: Any, n: int, key: str, dim: int | None = None,
+                      allow_zero: bool = False) -> list[float]:
+    """Resolve a number / list / shape name / {shape, scale} into n per-worker seconds."""
+    if isinstance(spec, str):
+        try:
+            values = shape_values(spec, n, dim)
+        except (ValueError, KeyError) as exc:
+            raise ConfigError(f"{key}: {exc}") from None
+    elif isinstance(spec, dict) and set(spec) <= {"shape", "scale"} and "shape" in spec:
+        scale = _check_times([spec.get("scale", 1.0)], f"{key}.scale", allow_zero)[0]
+        values = [scale * v for v in per_worker_values(spec["shape"], n, key, dim, allow_zero)]
+    elif isinstance(spec, (list, tuple)):
+        if len(spec) != n:
+            raise ConfigError(f"{key}: the list has {len(spec)} entries but workers.n is {n}; give one per worker")
+        values = list(spec)
+    elif isinstance(spec, (int, float)) and not isinstance(spec, bool):
+        values = [spec] * n
+    else:
+        raise ConfigError(f"{key}: expected a number, a list of {n} numbers, a shape name or {{shape, scale}}, got {spec!r}")
+    return _check_times(values, key, allow_zero)
+
+
+class ComputeTime:
+    """Seconds that job ``job`` of ``worker`` takes when started at ``start``."""
+
+    def __init__(self, spec: Any, n: int, seed: int, key: str = "workers.compute_time"):
+        self.n, self.seed = n, seed
+        self.kind = "constant"
+        self.dist, self.spread, self.segments, self.trace = None, 0.0, [], None
+        if isinstance(spec, dict) and "dist" in spec:
+            extra = set(spec) - {"dist", "mean", "spread"}
+            if extra:
+                raise ConfigError(f"{key}: unknown key(s) {sorted(extra)}; a random model takes dist, mean, spread")
+            if spec["dist"] not in DISTRIBUTIONS:
+                raise ConfigError(f"{key}.dist: {spec['dist']!r} is not one of {', '.join(DISTRIBUTIONS)}")
+            self.kind, self.dist = "random", spec["dist"]
+            self.means = per_worker_values(spec.get("mean", 1.0), n, f"{key}.mean")
+            self.spread = _check_times([spec.get("spread", 0.5)], f"{key}.spread", allow_zero=True)[0]
+            if self.dist == "uniform" and self.spread > 1:
+                raise ConfigError(f"{key}.spread: a uniform model needs spread <= 1 (times must stay >= 0)")
+        elif isinstance(spec, dict) and "schedule" in spec:
+            segs = spec["schedule"]
+            if set(spec) != {"schedule"} or not isinstance(segs, list) or not segs:
+                raise ConfigError(f"{key}.schedule: expected a non-empty list of {{until, times}} segments")
+            last = -math.inf
+            for k, seg in enumerate(segs):
+                if not isinstance(seg, dict) or "times" not in seg or set(seg) - {"until", "times"}:
+                    raise ConfigError(f"{key}.schedule[{k}]: expected {{until: SECONDS, times: ...}}")
+                until = seg.get("until", math.inf) if k < len(segs) - 1 else math.inf
+                if not isinstance(until, (int, float)) or until <= last:
+                    raise ConfigError(f"{key}.schedule[{k}].until must increase from segment to segment")
+                last = until
+                self.segments.append((float(until), per_worker_values(seg["times"], n, f"{key}.schedule[{k}].times")))
+            self.kind = "schedule"
+        elif isinstance(spec, dict) and "trace" in spec:
+            self.kind, self.trace = "trace", load_trace(spec["trace"], n, f"{key}.trace")
+        else:
+            self.means = per_worker_values(spec, n, key)
+
+    def mean_times(self) -> list[float]:
+        """Per-worker mean seconds (schedule: the first segment; trace: trace means)."""
+        if self.kind == "schedule":
+            return self.segments[0][1]
+        if self.kind == "trace":
+            return [float(np.mean(t)) for t in self.trace]
+        return self.means
+
+    def __call__(self, worker: int, job: int, start: float) -> float:
+        if self.kind == "constant":
+            return self.means[worker]
+        if self.kind == "schedule":
+            for until, times in self.segments:
+                if start < until:
+                    return times[worker]
+        if self.kind == "trace":
+            t = self.trace[worker]
+            return t[job % len(t)]
+        return self._draw(worker, job)
+
+    def _draw(self, worker: int, job: int) -> float:
+        mean, cv = self.means[worker], self.spread
+        g = rng.stream(self.seed, rng.COMPUTE_TIME, worker, job)
+        if self.dist == "exponential":
+            return float(g.exponential(mean))
+        if self.dist == "uniform":
+            return float(g.uniform(mean * (1 - cv), mean * (1 + cv)))
+        if cv == 0:
+            return mean
+        if self.dist == "gamma":
+            k = 1.0 / cv**2
+            return float(g.gamma(k, mean / k))
+        # lognormal with the given mean and coefficient of variation
+        s2 = math.log1p(cv**2)
+        return float(g.lognormal(math.log(mean) - s2 / 2, math.sqrt(s2)))
+
+
+def load_trace(path: Any, n: int, key: str) -> list[list[float]]:
+    if not isinstance(path, str):
+        raise ConfigError(f"{key}: expected a file path, got {path!r}")
+    try:
+        with open(os.path.expanduser(path), newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read trace file {path!r} ({exc.strerror})") from None
+    except (csv.Error, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{key}: {path!r} is not a CSV trace ({exc})") from None
+    per_worker: list[list[float]] = [[] for _ in range(n)]
+    for line, row in enumerate(rows, start=2):
+        try:
+            w, s = int(row["worker"]), float(row["seconds"])
+        except (KeyError, TypeError, ValueError):
+            raise ConfigError(f"{key}: {path}:{line}: expected columns worker,seconds with an integer and a number") from None
+        if not 0 <= w < n:
+            raise ConfigError(f"{key}: {path}:{line}: worker {w} is outside 0..{n - 1}")
+        if not math.isfinite(s) or s <= 0:
+            raise ConfigError(f"{key}: {path}:{line}: seconds must be a finite number > 0, got {s}")
+        per_worker[w].append(s)
+    missing = [w for w in range(n) if not per_worker[w]]
+    if missing:
+        raise ConfigError(f"{key}: trace {path!r} has no rows for worker(s) {missing[:5]}; give every worker at least one")
+    return per_worker
+
+
+class TimeModel:
+    """Compute times, per-worker vector transfer times and the AllReduce time of one run."""
+
+    def __init__(self, compute_time: Any, comm_time: Any, allreduce_time: Any, n: int, dim: int, seed: int):
+        self.n, self.dim = n, dim
+        self.compute = ComputeTime(compute_time, n, seed)
+        self.comm = per_worker_values(comm_time, n, "workers.comm_time", dim=dim, allow_zero=True)
+        self.allreduce = self._allreduce(allreduce_time)
+
+    def _allreduce(self, spec: Any) -> float:
+        key = "workers.allreduce_time"
+        if spec is None:
+            return max(self.comm)
+        if isinstance(spec, dict):
+            extra = set(spec) - {"bandwidth", "latency", "bytes_per_param"}
+            if extra or "bandwidth" not in spec:
+                raise ConfigError(f"{key}: the ring model takes bandwidth (bytes/s), latency (s), bytes_per_param")
+            bw = _check_times([spec["bandwidth"]], f"{key}.bandwidth", allow_zero=False)[0]
+            lat = _check_times([spec.get("latency", 0.0)], f"{key}.latency", allow_zero=True)[0]
+            bpp = _check_times([spec.get("bytes_per_param", 4)], f"{key}.bytes_per_param", allow_zero=False)[0]
+            return 2 * (self.n - 1) / self.n * self.dim * bpp / bw + lat
+        return _check_times([spec], key, allow_zero=True)[0]
