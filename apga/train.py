@@ -209,6 +209,7 @@ class Trainer:
             progress.close()
             self.tb.close()
             log.close()
+            runtime.close()
         summary = self._summary(runtime, "finished")
         self._plot()
         return RunResult(self.out_dir, summary)

@@ -67,6 +67,9 @@ class Simulator:
         """(Re)connect the non-picklable parts, e.g. after loading a checkpoint."""
         self.oracle, self.times = oracle, times
 
+    def close(self) -> None:
+        """Nothing to release: the oracle is closed by its owner."""
+
     def __getstate__(self):
         state = self.__dict__.copy()
         state["oracle"] = state["times"] = None
