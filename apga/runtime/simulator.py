@@ -61,6 +61,9 @@ class Simulator:
         self.busy_until = [0.0] * self.n  # cancel: false -> a stale job occupies the worker
         self.totals = Totals()
         self.in_flight: list = []  # AFedPG heap: (arrival at server, worker, job, version, point)
+        # Optional record of every job: (version, worker, job, start, finish, status) with status
+        # used | cancelled | discarded. Off by default (it grows with the run); tests turn it on.
+        self.trace: list | None = None
         self.attach(oracle, times)
 
     def attach(self, oracle: Oracle, times: TimeModel) -> None:
@@ -78,7 +81,17 @@ class Simulator:
     def _start_job(self, worker: int, start: float) -> tuple[float, int]:
         job = self.next_job[worker]
         self.next_job[worker] += 1
-        return start + self.times.compute(worker, job, start), job
+        finish = start + self.times.compute(worker, job, start)
+        if self.trace is not None:
+            self._starts[(worker, job)] = start
+        return finish, job
+
+    def _record(self, version: int, worker: int, job: int, finish: float, status: str) -> None:
+        if self.trace is not None:
+            self.trace.append((version, worker, job, self._starts.pop((worker, job)), finish, status))
+
+    def enable_trace(self) -> None:
+        self.trace, self._starts = [], {}
 
     def step(self) -> Event:
         """Advance the clock to the next model update and perform it."""
@@ -101,6 +114,7 @@ class Simulator:
         stopped_at = [t0] * n  # when each worker stopped computing for this round
         while True:
             finish, i, job = heapq.heappop(heap)
+            self._record(alg.version, i, job, finish, "used")
             counts[i] += 1
             used.append((i, job))
             stopped_at[i] = finish
@@ -112,7 +126,8 @@ class Simulator:
                 heapq.heappush(heap, (finish, i, job))
         # Jobs still in flight were started at this round's point: cancelled at the stop, or
         # (cancel: false) finished later and discarded, occupying their worker until then.
-        for finish, i, _ in heap:
+        for finish, i, job in sorted(heap):
+            self._record(alg.version, i, job, finish, "cancelled" if self.cancel else "discarded")
             if not self.cancel:
                 self.busy_until[i] = finish
                 self.totals.trajectories_computed += 1
@@ -146,6 +161,7 @@ class Simulator:
                 self._dispatch(i, comm[i])
                 self.totals.vector_comms += 1
         arrival, worker, job, version, point = heapq.heappop(self.in_flight)
+        self._record(version, worker, job, arrival - comm[worker], "used")
         batch = self._afedpg_gradient(worker, job, point)
         update = self.alg.apply(batch, version)
         self.clock = arrival

@@ -1,0 +1,274 @@
+"""The Gymnasium oracle: batched rollouts with a numpy policy, GPOMDP gradients with torch autograd.
+
+One stochastic gradient = one trajectory of at most H steps (it ends at termination or at the
+horizon; no bootstrapping) turned into the GPOMDP estimate
+
+    g(tau) = sum_{t<H} ( sum_{h=t}^{H-1} gamma^h r_h ) grad log pi(a_t | s_t).
+
+Determinism: job (w, j) draws its env reset seed and then all its action noise from
+``rng.stream(seed, TRAJECTORY, w, j)`` and nothing else, and the numpy policy computes each row
+independently of the batch, so its trajectory (observations, actions, rewards, return, length) is
+bit-identical whichever jobs share its batch, in whatever order. Per-worker gradient sums are
+exactly equal when that worker's jobs fall into the same chunks (same sub-lists, same order) and
+equal up to float rounding otherwise (the torch reduction over a chunk's rows changes).
+
+Work plan of :meth:`RLOracle.gradients`: jobs are grouped by ``env_key`` (order of first
+appearance), each group is cut into chunks of ``policy.rollout_batch`` jobs in the given order,
+and every chunk is one batched rollout followed by one torch forward+backward per worker of the
+chunk. The chunking depends only on the jobs and the config, never on processes, so a parallel
+runtime can map :meth:`RLOracle.run_chunk` over the chunks of :meth:`RLOracle.plan` and combine
+them with :meth:`RLOracle.combine` to get the same result.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from apga import rng
+from apga.config import EnvConfig, PolicyConfig
+from apga.errors import ConfigError
+from apga.oracle import policies
+from apga.oracle.base import Job, Oracle, WorkerBatch
+from apga.oracle.envs import env_key, make_env, worker_settings
+
+SEED_HIGH = 2**31 - 1  # env.reset seeds are drawn in [0, SEED_HIGH)
+EVAL_JOB_STRIDE = 2**32  # evaluation stream job index = key * EVAL_JOB_STRIDE + episode
+
+
+class Rollout:
+    """Stored trajectories of one chunk, shape (B, H, ...); step t of trajectory b is valid iff t < lengths[b]."""
+
+    def __init__(self, obs, samples, rewards, lengths, bad):
+        self.obs, self.samples, self.rewards = obs, samples, rewards
+        self.lengths, self.bad = lengths, bad  # bad: a non-finite observation or reward was seen
+
+
+class RLOracle(Oracle):
+    """GPOMDP gradients of a Gaussian / categorical MLP policy on per-worker Gymnasium envs.
+
+    ``RLOracle(env, policy, n_workers, seed)``: ``env`` and ``policy`` are the config sections,
+    ``seed`` the run seed (initial point, trajectories and evaluation streams derive from it).
+
+    ``policy.baseline`` and ``policy.normalize_returns`` are outside the theory: both make a
+    trajectory's weights depend on the other trajectories of its (chunk, worker) batch, which
+    breaks the exact unbiasedness of the estimator (and the chunk-independence of results).
+    """
+
+    def __init__(self, env: EnvConfig, policy: PolicyConfig, n_workers: int, seed: int):
+        if int(n_workers) < 1:
+            raise ConfigError(f"workers.n: must be >= 1, got {n_workers}")
+        if int(env.horizon) < 1:
+            raise ConfigError(f"env.horizon: must be >= 1, got {env.horizon}")
+        if not 0.0 <= float(env.gamma) <= 1.0:
+            raise ConfigError(f"env.gamma: must be in [0, 1], got {env.gamma}")
+        if int(policy.rollout_batch) < 1:
+            raise ConfigError(f"policy.rollout_batch: must be >= 1, got {policy.rollout_batch}")
+        if len(env.per_worker or []) > int(n_workers):
+            raise ConfigError(
+                f"env.per_worker: {len(env.per_worker)} entries for {n_workers} workers; give at most workers.n entries"
+            )
+        # One thread: deterministic reductions, and the cores are better spent on rollouts.
+        torch.set_num_threads(1)
+        self.env_cfg, self.policy_cfg = env, policy
+        self.n_workers, self.seed = int(n_workers), int(seed)
+        self.horizon, self.gamma = int(env.horizon), float(env.gamma)
+        self.rollout_batch = int(policy.rollout_batch)
+        for w in range(self.n_workers):
+            worker_settings(env, w)  # validate every worker's entry now, not at its first job
+        self.keys = [env_key(env, w) for w in range(self.n_workers)]
+        self._rep = {}  # env_key -> first worker with it (builds that key's envs)
+        for w, k in enumerate(self.keys):
+            self._rep.setdefault(k, w)
+        self._envs: dict[tuple, list] = {}  # env_key -> reusable env instances (one per batch slot)
+        spaces_seen = {}
+        for k, w in self._rep.items():
+            e = self._env_slots(k, 1)[0]
+            spaces_seen[k] = (e.observation_space, e.action_space)
+        obs_space, act_space = spaces_seen[self.keys[0]]
+        for k, (o, a) in spaces_seen.items():
+            if o.shape != obs_space.shape or a != act_space:
+                raise ConfigError(
+                    f"env.per_worker: worker {self._rep[k]} has observation {o} / action {a}, worker 0 has "
+                    f"{obs_space} / {act_space}; all workers must share one policy, so spaces must match"
+                )
+        self.spec = policies.make_spec(obs_space, act_space, policy.hidden, policy.init_std)
+        self.dim = self.spec.dim
+        self._gamma_pow = self.gamma ** np.arange(self.horizon, dtype=np.float64)
+
+    # ------------------------------------------------------------------ Oracle API
+    def initial_point(self) -> np.ndarray:
+        return policies.init_params(self.spec, rng.stream(self.seed, rng.INIT))
+
+    def gradients(self, point: np.ndarray, jobs: Sequence[Job]) -> dict[int, WorkerBatch]:
+        point = self._check_point(point)
+        return self.combine(jobs, [self.run_chunk(point, chunk) for chunk in self.plan(jobs)])
+
+    def evaluate(self, point: np.ndarray, episodes: int, key: int, deterministic: bool = True) -> float:
+        """Mean undiscounted return (episodes cut at the horizon), averaged over the workers.
+
+        Each distinct environment is evaluated once, with ``episodes`` episodes drawn from
+        ``rng.stream(seed, EVALUATION, w, key * 2**32 + episode)`` where w is the first worker
+        with that environment; a worker's score is its environment's mean, so heterogeneous
+        settings evaluate the average task. ``deterministic``: act with squash(mu) / argmax.
+        """
+        point = self._check_point(point)
+        if episodes < 1:
+            raise ValueError(f"episodes must be >= 1, got {episodes}")
+        mean_of_key = {}
+        for k, w in self._rep.items():
+            totals = []
+            eps = list(range(episodes))
+            for start in range(0, episodes, self.rollout_batch):
+                streams = [
+                    rng.stream(self.seed, rng.EVALUATION, w, key * EVAL_JOB_STRIDE + e)
+                    for e in eps[start : start + self.rollout_batch]
+                ]
+                ro = self._rollout(point, k, streams, store=False, greedy=deterministic)
+                totals.append(ro.rewards.sum(axis=1)[~ro.bad])  # non-finite episodes are left out
+            totals = np.concatenate(totals)
+            mean_of_key[k] = float(totals.mean()) if totals.size else float("nan")
+        return float(np.mean([mean_of_key[k] for k in self.keys]))
+
+    def close(self) -> None:
+        for slots in self._envs.values():
+            for e in slots:
+                e.close()
+        self._envs.clear()
+
+    # ------------------------------------------------------------------ work plan
+    def plan(self, jobs: Sequence[Job]) -> list[list[Job]]:
+        """Chunks of at most rollout_batch jobs sharing one env_key, in job order within each key."""
+        groups: dict[tuple, list[Job]] = {}
+        for w, j in jobs:
+            if not 0 <= w < self.n_workers:
+                raise ValueError(f"job ({w}, {j}): worker out of range [0, {self.n_workers})")
+            groups.setdefault(self.keys[w], []).append((int(w), int(j)))
+        rb = self.rollout_batch
+        return [g[i : i + rb] for g in groups.values() for i in range(0, len(g), rb)]
+
+    def combine(self, jobs: Sequence[Job], chunk_results: Sequence[dict[int, WorkerBatch]]) -> dict[int, WorkerBatch]:
+        """Sum the per-chunk results of each worker in chunk order (keys in order of first job)."""
+        out = {w: WorkerBatch.empty(self.dim) for w, _ in jobs}
+        for res in chunk_results:
+            for w, wb in res.items():
+                out[w] = out[w].merge(wb)
+        return out
+
+    def run_chunk(self, point: np.ndarray, chunk: Sequence[Job]) -> dict[int, WorkerBatch]:
+        """Roll out one chunk (jobs sharing an env_key) and return each worker's partial sums."""
+        streams = [rng.stream(self.seed, rng.TRAJECTORY, w, j) for w, j in chunk]
+        ro = self._rollout(point, self.keys[chunk[0][0]], streams, store=True, greedy=False)
+        theta = torch.from_numpy(np.array(point, dtype=np.float64)).requires_grad_(True)
+        workers = np.array([w for w, _ in chunk])
+        valid = np.arange(self.horizon)[None, :] < ro.lengths[:, None]  # (B, H)
+        weights = self._weights(ro.rewards)
+        returns_all = ro.rewards.sum(axis=1)  # undiscounted
+        result = {}
+        for w in dict.fromkeys(workers.tolist()):  # workers in order of first appearance
+            mine = workers == w
+            good = np.flatnonzero(mine & ~ro.bad)
+            rejected = int(np.count_nonzero(mine & ro.bad))
+            steps = int(ro.lengths[mine].sum())
+            grad = np.zeros(self.dim)
+            if good.size:
+                grad = self._grad(theta, ro, good, valid[good], weights[good])
+                if not np.all(np.isfinite(grad)):  # a non-finite score: drop the whole partial sum
+                    grad, rejected, good = np.zeros(self.dim), rejected + good.size, good[:0]
+            result[w] = WorkerBatch(
+                grad_sum=grad,
+                count=int(good.size),
+                returns=returns_all[good],
+                lengths=ro.lengths[good].astype(np.int64),
+                env_steps=steps,
+                rejected=rejected,
+            )
+        return result
+
+    # ------------------------------------------------------------------ internals
+    def _check_point(self, point) -> np.ndarray:
+        point = np.asarray(point, dtype=np.float64)
+        if point.shape != (self.dim,):
+            raise ValueError(f"point has shape {point.shape}, expected ({self.dim},)")
+        return point
+
+    def _env_slots(self, key: tuple, n: int) -> list:
+        """At least n cached envs of this key (built on demand, reused across calls)."""
+        slots = self._envs.setdefault(key, [])
+        while len(slots) < n:
+            slots.append(make_env(self.env_cfg, self._rep[key]))
+        return slots
+
+    def _weights(self, rewards: np.ndarray) -> np.ndarray:
+        """GPOMDP weights: discounted reward-to-go sum_{h>=t} gamma^h r_h (rewards are 0 after the end)."""
+        disc = rewards * self._gamma_pow
+        return np.cumsum(disc[:, ::-1], axis=1)[:, ::-1]  # row by row: no cross-trajectory mixing
+
+    def _grad(self, theta: torch.Tensor, ro: Rollout, rows: np.ndarray, valid: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """grad of sum_t w_t log pi(sample_t | s_t) over the given trajectories (one torch pass)."""
+        w = weights.copy()
+        if self.policy_cfg.baseline:  # outside the theory: mean weight of the trajectories alive at t
+            alive = valid.sum(axis=0)
+            mean = np.divide((w * valid).sum(axis=0), alive, out=np.zeros(self.horizon), where=alive > 0)
+            w -= mean
+        if self.policy_cfg.normalize_returns:  # outside the theory: unit std over the batch's steps
+            std = w[valid].std()
+            w /= std + 1e-8
+        obs = torch.from_numpy(ro.obs[rows][valid])
+        samples = torch.from_numpy(ro.samples[rows][valid])
+        w_t = torch.from_numpy(np.ascontiguousarray(w[valid]))
+        loss = (w_t * policies.log_prob(self.spec, theta, obs, samples)).sum()
+        (g,) = torch.autograd.grad(loss, theta)
+        return g.numpy().copy()
+
+    def _rollout(self, point: np.ndarray, key: tuple, streams: list, store: bool, greedy: bool) -> Rollout:
+        """Batched rollout: one env per trajectory, one numpy policy forward per step for the live ones.
+
+        Trajectory b uses only ``streams[b]``: first its reset seed, then its noise for all H steps.
+        """
+        spec, H, B = self.spec, self.horizon, len(streams)
+        envs = self._env_slots(key, B)
+        seeds = [int(s.integers(0, SEED_HIGH)) for s in streams]
+        noise = None
+        if not greedy:
+            noise = np.empty((B,) + spec.noise_shape(H))
+            for b, s in enumerate(streams):
+                noise[b] = policies.draw_noise(spec, s, H)
+        obs_buf = np.zeros((B, H, spec.obs_dim)) if store else None
+        samp_buf = np.zeros((B, H) + spec.sample_shape, dtype=spec.sample_dtype) if store else None
+        rewards = np.zeros((B, H))
+        lengths = np.zeros(B, dtype=np.int64)
+        obs = np.empty((B, spec.obs_dim))
+        for b in range(B):
+            obs[b] = envs[b].reset(seed=seeds[b])[0]
+        bad = ~np.isfinite(obs).all(axis=1)
+        alive = np.flatnonzero(~bad)
+        discrete = spec.kind == "categorical"
+        for t in range(H):
+            if alive.size == 0:
+                break
+            o = obs[alive]
+            if greedy:
+                actions = policies.greedy_action(spec, point, o)
+            else:
+                stored, actions = policies.sample(spec, point, o, noise[alive, t])
+            if store:
+                obs_buf[alive, t] = o
+                samp_buf[alive, t] = stored
+            actions = actions.tolist() if discrete else list(actions)
+            r = np.empty(alive.size)
+            done = np.zeros(alive.size, dtype=bool)
+            for k, b in enumerate(alive.tolist()):
+                o2, r[k], term, trunc, _ = envs[b].step(actions[k])
+                obs[b] = o2
+                done[k] = term or trunc
+            rewards[alive, t] = r
+            lengths[alive] = t + 1
+            broken = ~(np.isfinite(r) & np.isfinite(obs[alive]).all(axis=1))
+            if broken.any():  # stop a broken trajectory at once; its rewards must not reach the weights
+                bad[alive[broken]] = True
+                rewards[alive[broken]] = 0.0
+            alive = alive[~(done | broken)]
+        return Rollout(obs_buf, samp_buf, rewards, lengths, bad)
