@@ -1,0 +1,33 @@
+"""apga: asynchronous policy-gradient aggregation (Rennala NIGT, Malenia NIGT, AFedPG, synchronous
+NIGT) on an exact simulator of heterogeneous workers, or on Ray.
+
+The Python API is what the `apga` command uses::
+
+    import apga
+    cfg = apga.load_config("configs/quickstart.yaml", ["algorithm.name=malenia_nigt"])
+    result = apga.train(cfg, "runs/quick")          # or apga.resume("runs/quick")
+    metrics = apga.read_metrics("runs/quick")      # dict of numpy columns
+"""
+from apga.config import Config, load_config
+from apga.errors import ApgaError, ConfigError
+
+__version__ = "0.1.0"
+__all__ = ["Config", "load_config", "train", "resume", "read_metrics", "ApgaError", "ConfigError"]
+
+
+def train(cfg, out_dir, force=False, progress=True):
+    """Run ``cfg`` into ``out_dir``; returns a RunResult(out_dir, summary)."""
+    from apga.train import train as _train
+    return _train(cfg, out_dir, force=force, progress=progress)
+
+
+def resume(out_dir, progress=True):
+    """Continue the run in ``out_dir`` from its last checkpoint."""
+    from apga.train import resume as _resume
+    return _resume(out_dir, progress=progress)
+
+
+def read_metrics(out_dir):
+    """A run's metrics.csv as a dict of float numpy arrays (empty cells are nan)."""
+    from apga.train import read_metrics as _read
+    return _read(out_dir)

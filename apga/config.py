@@ -8,6 +8,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -115,9 +116,50 @@ class Config:
 
 # --- loading, overriding, validating ---------------------------------------------------------
 
+class _Loader(yaml.SafeLoader):
+    """yaml.SafeLoader with two fixes for config files:
+
+    - numbers in exponent form without a dot (``1e-3``, ``5E+2``) are floats, as in YAML 1.2
+      (PyYAML's YAML 1.1 rules read them as strings);
+    - a key repeated in one mapping is an error, instead of the last one silently winning.
+    """
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r}: give each key once", key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def yaml_load(text: str):
+    """Parse YAML text with the config loader (see ``_Loader``); raises yaml.YAMLError."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def _did_you_mean(word: str, options) -> str:
     close = difflib.get_close_matches(word, list(options), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _unknown_key(full: str, key: str, names) -> str:
+    hint = _did_you_mean(key, names)
+    if not hint:
+        hint = f"; known keys here: {', '.join(names)}"
+    return f"unknown key {full!r}{hint}"
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -172,7 +214,7 @@ def _build(cls, data: Any, prefix: str):
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
-            raise ConfigError(f"unknown key {full!r}{_did_you_mean(str(key), names)}")
+            raise ConfigError(_unknown_key(full, str(key), names))
         kwargs[key] = _coerce(value, hints[key], full)
     return cls(**kwargs)
 
@@ -188,6 +230,22 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def _override_target(item: str, parts: list[str]) -> None:
+    """Check that every part of a ``--set`` path but the last names a section of the schema."""
+    tp: Any = Config
+    for depth, part in enumerate(parts[:-1]):
+        here = ".".join(parts[:depth + 1])
+        if not dataclasses.is_dataclass(tp):
+            return  # inside a free-form mapping (env.kwargs): anything goes
+        hints = typing.get_type_hints(tp)
+        if part not in hints:
+            raise ConfigError(f"--set {item!r}: {_unknown_key(here, part, list(hints))}")
+        tp = hints[part]
+        if not dataclasses.is_dataclass(tp) and tp is not dict and typing.get_origin(tp) is not dict:
+            raise ConfigError(f"--set {item!r}: {here!r} is a value, not a section; "
+                              f"use --set {here}=VALUE")
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply ``section.key=value`` strings (values parsed as YAML) to a nested mapping."""
     data = _deepcopy(data)
@@ -195,18 +253,26 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. --set algorithm.step_size=0.01")
         path, raw = item.split("=", 1)
-        parts = path.strip().split(".")
+        parts = [p.strip() for p in path.split(".")]
         if not all(parts):
-            raise ConfigError(f"--set {item!r}: expected section.key=value with a dotted key")
+            raise ConfigError(f"--set {item!r}: the key before '=' is empty or has an empty part; "
+                              "expected section.key=value, e.g. --set algorithm.step_size=0.01")
+        _override_target(item, parts)
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = yaml_load(raw) if raw.strip() else None
         except yaml.YAMLError:
-            raise ConfigError(f"--set {item!r}: the value is not valid YAML") from None
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML (quote strings that contain "
+                              "YAML syntax)") from None
         node = data
-        for part in parts[:-1]:
-            if not isinstance(node.get(part, {}), dict):
-                raise ConfigError(f"--set {item!r}: {part!r} is not a section")
-            node = node.setdefault(part, {})
+        for depth, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:  # absent, or an empty section in the file (`algorithm:`)
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                here = ".".join(parts[:depth + 1])
+                raise ConfigError(f"--set {item!r}: {here} is {child!r} in the config, not a mapping; "
+                                  "fix the config file")
+            node = child
         node[parts[-1]] = value
     return data
 
@@ -231,11 +297,11 @@ def read_yaml(path: str) -> dict:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read config file {path!r}: {getattr(exc, 'strerror', None) or exc}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "syntax error"
+        problem = " ".join(str(getattr(exc, "problem", None) or "syntax error").split())
         raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
     if data is None:
         data = {}
@@ -286,9 +352,11 @@ def validate(cfg: Config) -> None:
     _require(cfg.runtime.processes >= 0, "runtime.processes", "must be >= 0 (0 = one per core)")
     _require(any(v is not None for v in (b.time, b.trajectories, b.iterations)), "budget",
              "set at least one of budget.time, budget.trajectories, budget.iterations")
-    _require(b.time is None or (math.isfinite(b.time) and b.time > 0), "budget.time", "must be > 0 seconds")
-    _require(b.trajectories is None or b.trajectories > 0, "budget.trajectories", "must be > 0")
-    _require(b.iterations is None or b.iterations > 0, "budget.iterations", "must be > 0")
+    _require(b.time is None or (math.isfinite(b.time) and b.time > 0), "budget.time",
+             f"must be a finite number of seconds > 0 (or null), got {b.time}")
+    _require(b.trajectories is None or b.trajectories > 0, "budget.trajectories",
+             f"must be > 0 (or null), got {b.trajectories}")
+    _require(b.iterations is None or b.iterations > 0, "budget.iterations", f"must be > 0 (or null), got {b.iterations}")
     _require(cfg.eval.every >= 0, "eval.every", "must be >= 0 (0 = never)")
     _require(cfg.eval.episodes >= 1, "eval.episodes", "must be >= 1")
     _require(cfg.checkpoint.every >= 1, "checkpoint.every", "must be >= 1")

@@ -1,10 +1,20 @@
-"""Crash-safe file writes: a reader or a resumed run never sees a half-written file."""
+"""Crash-safe file writes: a reader or a resumed run never sees a half-written file.
+
+Test hook: with the environment variable ``APGA_TEST_SLOW_WRITES=SECONDS`` every atomic write
+sleeps that long after writing the first half of its temp file (before the rest, the fsync and
+the rename), so that a test's SIGKILL can land in the middle of a checkpoint write. Never set it
+outside tests.
+"""
 from __future__ import annotations
 
 import os
 import pickle
 import tempfile
+import time
 from typing import Any
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def _fsync_dir(path: str) -> None:
@@ -20,7 +30,15 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
         with os.fdopen(fd, "wb") as f:
+            slow = os.environ.get("APGA_TEST_SLOW_WRITES")
+            if slow:
+                half = len(data) // 2
+                f.write(data[:half])
+                f.flush()
+                time.sleep(float(slow))
+                data = data[half:]
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -45,18 +63,27 @@ def atomic_pickle(path: str, obj: Any) -> None:
 class AppendLog:
     """An append-only text file written one whole line per write(2) call.
 
-    A single write of a line to a regular file is not torn by SIGKILL, so the file never holds a
-    partial line; ``sync()`` makes the lines durable and returns the byte size a checkpoint records.
+    A line is handed to the kernel in one write(2), so a killed process leaves whole lines (Linux
+    could only cut a line that straddles a page boundary if the kill lands between the two page
+    copies of that one call; readers drop a last line without its newline). ``sync()`` makes the
+    lines durable and returns the byte size a checkpoint records; ``truncate_to`` cuts the file
+    back to such a size when a run resumes.
     """
 
     def __init__(self, path: str, truncate_to: int | None = None):
         self.path = path
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         if truncate_to is not None:
+            size = os.fstat(self.fd).st_size
+            if truncate_to > size:
+                os.close(self.fd)
+                raise ValueError(f"{path} has {size} bytes, fewer than the {truncate_to} to keep")
             os.ftruncate(self.fd, truncate_to)
 
     def write_line(self, line: str) -> None:
-        os.write(self.fd, (line.rstrip("\n") + "\n").encode())
+        data = (line.rstrip("\n") + "\n").encode()
+        while data:  # one call in practice; a short write (disk full) is continued, not dropped
+            data = data[os.write(self.fd, data):]
 
     def sync(self) -> int:
         os.fsync(self.fd)

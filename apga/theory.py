@@ -28,45 +28,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-# Relative slack in Malenia's harmonic-mean test, so that M/n that is "exactly" reached
-# (e.g. all b_i = M/n) is not missed by one rounding error in the sum of 1/b_i.
-MALENIA_RTOL = 1e-12
+# The stop rules are the protocol's own, so theory and simulator cannot disagree on them.
+from apga.protocol.aggregators import MALENIA_RTOL, malenia_stop, rennala_stop, sync_quota  # noqa: F401
 
 ArrayLike = Sequence[float] | np.ndarray
-
-
-# ---------------------------------------------------------------------------------------------
-# Stop predicates (imported by the simulator so both sides use the same arithmetic)
-# ---------------------------------------------------------------------------------------------
-
-
-def rennala_stop(counts: Sequence[int], M: int) -> bool:
-    """Rennala's round is over once the workers hold M gradients in total."""
-    return int(sum(int(b) for b in counts)) >= M
-
-
-def malenia_stop(counts: Sequence[int], M: int) -> bool:
-    """Malenia's round is over once every b_i >= 1 and the harmonic mean of the b_i is >= M/n.
-
-    Checked as ``M * sum(1/b_i) <= n*n * (1 + MALENIA_RTOL)``; the sum is ``math.fsum`` (correctly
-    rounded), so the answer does not depend on the order or container of ``counts``.
-    """
-    n = len(counts)
-    if n == 0 or any(int(b) < 1 for b in counts):
-        return False
-    return M * math.fsum(1.0 / int(b) for b in counts) <= n * n * (1.0 + MALENIA_RTOL)
-
-
-def sync_quota(n: int, M: int) -> int:
-    """Gradients each worker computes per synchronous round: ceil(M / n)."""
-    if n < 1 or M < 1:
-        raise ValueError(f"sync_quota needs n >= 1 and M >= 1, got n={n}, M={M}")
-    return -(-int(M) // int(n))
-
-
-# ---------------------------------------------------------------------------------------------
-# Input checks
-# ---------------------------------------------------------------------------------------------
 
 
 def _times(h: ArrayLike) -> np.ndarray:
@@ -99,13 +64,14 @@ def _batch(M: int) -> int:
 
 
 def counts_at(t: float, h: ArrayLike, start: ArrayLike | float | None = None) -> np.ndarray:
-    """b_i(t) = #{k >= 1 : start_i + k*h_i <= t} per worker (int64), with float64 arithmetic.
-
-    The division gives an estimate that may be one off after rounding; it is then corrected with
-    the very comparison that defines b_i, so the count is exact for the float completion times.
-    """
+    """b_i(t) = #{k >= 1 : start_i + k*h_i <= t} per worker (int64), with float64 arithmetic."""
     h = _times(h)
-    s = _offsets(start, h.size, "start times")
+    return _counts(t, h, _offsets(start, h.size, "start times"))
+
+
+def _counts(t: float, h: np.ndarray, s: np.ndarray) -> np.ndarray:
+    # The division gives an estimate that may be one off after rounding; it is then corrected
+    # with the very comparison that defines b_i, so the count is exact for the float times.
     k = np.maximum(np.floor((t - s) / h), 0.0)
     while True:  # estimate too small: the next completion is still <= t
         up = s + (k + 1.0) * h <= t
@@ -137,11 +103,12 @@ def _first_stop(h: np.ndarray, s: np.ndarray, stop: Callable[[np.ndarray], bool]
     themselves): at most 64 steps, each O(n), whatever M is.
     """
     def holds(t: float) -> bool:
-        return stop(counts_at(t, h, s))
+        return stop(_counts(t, h, s))
 
     if not holds(t_up):  # a bug in the caller's bound, not a user error
         raise AssertionError("stop predicate does not hold at the upper bound")
-    lo, hi = 0, _float_bits(t_up)  # every count is 0 at t = 0 (h > 0), so the predicate fails there
+    # Below the first completion every count is 0 and the predicate fails (M >= 1).
+    lo, hi = _float_bits(float(np.min(s + h))) - 1, _float_bits(t_up)
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if holds(_bits_float(mid)):
@@ -253,7 +220,7 @@ def round_timing(
 
     stop_fn = rennala_stop_time if key == "rennala" else malenia_stop_time
     stop = stop_fn(h, M, start)
-    b = counts_at(stop, h, start)
+    b = _counts(stop, h, start)
     if aggregation == "server":
         end = float(np.max(stop + kap[b > 0]))
     else:
@@ -286,21 +253,9 @@ def afedpg_updates_by(
     h = _times(h)
     kap = _offsets(kappa, h.size)
     cycle = h + 2.0 * kap
-    # Update k at k*c_i - κ_i <= T  <=>  completion k of a worker "starting" at -κ_i; reuse counts_at.
+    # Update k lands at shift_i + k*c_i: the completions of a worker "starting" at shift_i.
     shift = np.zeros_like(kap) if initial_download else -kap
-    k = np.maximum(np.floor((T - shift) / cycle), 0.0)
-    # Same correct-the-estimate scheme as counts_at (counts_at refuses negative starts).
-    while True:
-        up = (k + 1.0) * cycle + shift <= T
-        if not up.any():
-            break
-        k += up
-    while True:
-        down = (k > 0) & (k * cycle + shift > T)
-        if not down.any():
-            break
-        k -= down
-    return int(k.sum())
+    return int(_counts(float(T), cycle, shift).sum())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -59,7 +59,9 @@ def test_rennala_rounds_last_exactly_the_formula(h, M):
     expected = brute_rennala(h, M)
     for d in round_durations(sim, 4):
         assert d == pytest.approx(expected, rel=1e-12, abs=1e-12)
-    assert sim.totals.trajectories == 4 * M  # the M-th gradient ends the round, ties included
+    # every gradient finished by the stop is used, ties at the stop included
+    used = sum(math.floor(expected / hi + 1e-12) for hi in h)
+    assert used >= M and sim.totals.trajectories == 4 * used
 
 
 @pytest.mark.parametrize("h", RANDOM_H)
@@ -239,3 +241,16 @@ def test_ring_allreduce_model():
     assert TimeModel(1.0, [0.1, 0.4, 0.2, 0.3], None, 4, 10, 0).allreduce == 0.4
     sqrt_d = TimeModel(1.0, "sqrt_d", None, 3, 16, 0).comm
     assert sqrt_d == pytest.approx([math.sqrt(i) * 2 for i in (1, 2, 3)])
+
+
+@pytest.mark.parametrize("name", ["rennala_nigt", "malenia_nigt", "sync_nigt"])
+@pytest.mark.parametrize("aggregation", ["server", "allreduce"])
+@pytest.mark.parametrize("n,M", [(10, 32), (10, 7), (25, 50)])
+def test_simulator_agrees_with_theory_for_sqrt_times(name, aggregation, n, M):
+    from apga import theory
+    h = [math.sqrt(i) for i in range(1, n + 1)]
+    for kappa, allreduce in ((0.0, 0.0), (h, 2.5)):
+        sim = make_sim(name, h, M=M, comm=kappa, allreduce=allreduce, aggregation=aggregation)
+        expected = theory.round_time(name, h, M, kappa, allreduce, aggregation)
+        for d in round_durations(sim, 3):
+            assert d == pytest.approx(expected, rel=1e-12)

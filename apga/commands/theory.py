@@ -15,7 +15,9 @@ DESCRIPTION = """\
 Predict how long each method needs to reach an eps-stationary point (E||grad J|| <= eps), from
 the complexity bounds of the paper (up to absolute constants: compare rows, not absolute
 numbers), and print the exact duration of one round for a given batch size with constant
-worker times (the simulator reproduces these exactly). Instant; nothing is trained.
+worker times and cancellation of in-flight gradients (the simulator reproduces these
+exactly). Instant; nothing is trained. Times are in seconds (any unit works if used
+consistently); predicted totals come out in the same unit.
 
 Constants: K = L_J*Delta/eps^2 updates; the variance term counts sigma_J^2*L_J*Delta/eps^4
 gradients for PG and sigma_J^2*L_J*Delta/eps^(7/2) for NIGT, with L_J = L*H^2,

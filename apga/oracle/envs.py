@@ -36,7 +36,28 @@ def _flipped_box(space: spaces.Box) -> spaces.Box:
     return spaces.Box(-space.high, -space.low, shape=space.shape, dtype=space.dtype)
 
 
-class InvertObs(gym.ObservationWrapper):
+# The wrappers record their constructor arguments so that ``env.spec.make()`` rebuilds the same
+# worker environment (gymnasium's check_env relies on it).
+
+
+class ModelChanges(gym.Wrapper, gym.utils.RecordConstructorArgs):
+    """MuJoCo model changes, applied once here: reset() restores the state, never the model."""
+
+    def __init__(self, env: gym.Env, gravity=None, mass_scale=None, friction_scale=None):
+        gym.utils.RecordConstructorArgs.__init__(
+            self, gravity=gravity, mass_scale=mass_scale, friction_scale=friction_scale
+        )
+        gym.Wrapper.__init__(self, env)
+        model = env.unwrapped.model
+        if gravity is not None:
+            model.opt.gravity[:] = gravity
+        if mass_scale is not None:
+            model.body_mass[:] *= mass_scale
+        if friction_scale is not None:
+            model.geom_friction[:] *= friction_scale
+
+
+class InvertObs(gym.ObservationWrapper, gym.utils.RecordConstructorArgs):
     """The paper's heterogeneous task: observe ``((1 - 2f) s, f)`` with a constant flag f in {0, 1}.
 
     The observation space is the same for both flags (it holds s and -s, and the flag in [0, 1]),
@@ -44,13 +65,9 @@ class InvertObs(gym.ObservationWrapper):
     """
 
     def __init__(self, env: gym.Env, flag: int):
-        super().__init__(env)
+        gym.utils.RecordConstructorArgs.__init__(self, flag=flag)
+        gym.ObservationWrapper.__init__(self, env)
         box = env.observation_space
-        if not isinstance(box, spaces.Box) or len(box.shape) != 1:
-            raise ConfigError(
-                f"env.invert_obs: needs a flat Box observation space, {env.spec.id if env.spec else env} "
-                f"has {box}; set env.invert_obs: false"
-            )
         self.flag = int(flag)
         self._sign = 1.0 - 2.0 * self.flag
         low = np.concatenate([np.minimum(box.low, -box.high), [0.0]]).astype(box.dtype)
@@ -64,19 +81,24 @@ class InvertObs(gym.ObservationWrapper):
         return out
 
 
-class ObsSign(gym.ObservationWrapper):
+class ObsSign(gym.ObservationWrapper, gym.utils.RecordConstructorArgs):
     """The agent sees ``-s`` (a sign flip of the whole observation)."""
 
     def __init__(self, env: gym.Env):
-        super().__init__(env)
+        gym.utils.RecordConstructorArgs.__init__(self)
+        gym.ObservationWrapper.__init__(self, env)
         self.observation_space = _flipped_box(env.observation_space)
 
     def observation(self, observation):
         return -observation
 
 
-class ActionSign(gym.ActionWrapper):
+class ActionSign(gym.ActionWrapper, gym.utils.RecordConstructorArgs):
     """The env receives ``-a``; needs a symmetric Box so the action space is unchanged."""
+
+    def __init__(self, env: gym.Env):
+        gym.utils.RecordConstructorArgs.__init__(self)
+        gym.ActionWrapper.__init__(self, env)
 
     def action(self, action):
         return -np.asarray(action)
@@ -197,20 +219,13 @@ def make_env(env_cfg: EnvConfig, worker: int) -> gym.Env:
     where = f"env.per_worker[{worker}]"
     wanted = [k for k in MUJOCO_KEYS if s[k] is not None]
     if wanted:
-        model = _mujoco_model(env)
-        if model is None:
+        if _mujoco_model(env) is None:
             env.close()
             raise ConfigError(
                 f"{where}.{wanted[0]}: {env_cfg.id} is not a MuJoCo environment; model changes "
                 f"({', '.join(MUJOCO_KEYS)}) need one (e.g. Hopper-v5), or remove the key"
             )
-        # Changed once at construction: reset() restores the state (qpos/qvel), not the model.
-        if s["gravity"] is not None:
-            model.opt.gravity[:] = s["gravity"]
-        if s["mass_scale"] is not None:
-            model.body_mass[:] *= s["mass_scale"]
-        if s["friction_scale"] is not None:
-            model.geom_friction[:] *= s["friction_scale"]
+        env = ModelChanges(env, s["gravity"], s["mass_scale"], s["friction_scale"])
 
     if s["action_sign"] == -1:
         box = env.action_space

@@ -23,7 +23,7 @@ def rennala_stop(counts: Sequence[int], batch: int) -> bool:
 def malenia_stop(counts: Sequence[int], batch: int) -> bool:
     """Malenia: every b_i >= 1 and (1/n sum_i 1/b_i)^-1 >= M/n, i.e. M sum_i 1/b_i <= n^2."""
     n = len(counts)
-    if min(counts) < 1:
+    if n == 0 or min(counts) < 1:
         return False
     return batch * math.fsum(1.0 / b for b in counts) <= n * n * (1.0 + MALENIA_RTOL)
 

@@ -17,6 +17,7 @@ The whole object except oracle and time model is plain data, so pickling it is a
 from __future__ import annotations
 
 import heapq
+from fractions import Fraction
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,12 +80,12 @@ class Simulator:
         return state
 
     def _start_job(self, worker: int, start: float) -> tuple[float, int]:
+        """Start the worker's next job at ``start``; returns (duration, job index)."""
         job = self.next_job[worker]
         self.next_job[worker] += 1
-        finish = start + self.times.compute(worker, job, start)
         if self.trace is not None:
             self._starts[(worker, job)] = start
-        return finish, job
+        return self.times.compute(worker, job, start), job
 
     def _record(self, version: int, worker: int, job: int, finish: float, status: str) -> None:
         if self.trace is not None:
@@ -103,11 +104,15 @@ class Simulator:
     def _round_step(self) -> Event:
         alg, n, comm = self.alg, self.n, self.times.comm
         t0, server = self.clock, self.aggregation == "server"
+        # A worker's back-to-back jobs finish at begin_i + (d_1 + ... + d_k), the sum taken exactly
+        # (as a Fraction) so that k equal durations end at exactly begin_i + k*h_i, as in theory.
+        begin = [max(t0 + (comm[i] if server else 0.0), self.busy_until[i]) for i in range(n)]
+        elapsed = [Fraction(0)] * n
         heap = []
         for i in range(n):
-            start = max(t0 + (comm[i] if server else 0.0), self.busy_until[i])
-            finish, job = self._start_job(i, start)
-            heap.append((finish, i, job))
+            duration, job = self._start_job(i, begin[i])
+            elapsed[i] += Fraction(duration)
+            heap.append((begin[i] + float(elapsed[i]), i, job))
         heapq.heapify(heap)
         counts = [0] * n
         used = []  # (worker, job) of every gradient this round consumes, in finishing order
@@ -122,8 +127,16 @@ class Simulator:
                 stop = finish
                 break
             if alg.keeps_working(counts, i):
-                finish, job = self._start_job(i, finish)
-                heapq.heappush(heap, (finish, i, job))
+                duration, job = self._start_job(i, finish)
+                elapsed[i] += Fraction(duration)
+                heapq.heappush(heap, (begin[i] + float(elapsed[i]), i, job))
+        # Gradients completing at the very moment of the stop have completed: they count too.
+        while heap and heap[0][0] == stop:
+            finish, i, job = heapq.heappop(heap)
+            self._record(alg.version, i, job, finish, "used")
+            counts[i] += 1
+            used.append((i, job))
+            stopped_at[i] = finish
         # Jobs still in flight were started at this round's point: cancelled at the stop, or
         # (cancel: false) finished later and discarded, occupying their worker until then.
         for finish, i, job in sorted(heap):
@@ -150,8 +163,8 @@ class Simulator:
     def _dispatch(self, worker: int, ready: float) -> None:
         """Hand ``worker`` the current point at time ``ready`` (already downloaded)."""
         version, point = self.alg.current_point()
-        finish, job = self._start_job(worker, ready)
-        arrival = finish + self.times.comm[worker]
+        duration, job = self._start_job(worker, ready)
+        arrival = ready + duration + self.times.comm[worker]
         heapq.heappush(self.in_flight, (arrival, worker, job, version, point))
 
     def _afedpg_step(self) -> Event:

@@ -28,44 +28,30 @@ import numpy as np
 
 from apga import rng
 from apga.errors import ConfigError
-from apga.shapes import shape_values
+from apga.shapes import resolve_times
 
 DISTRIBUTIONS = ("exponential", "uniform", "gamma", "lognormal")
 
 
-def _check_times(values: Sequence[float], key: str, allow_zero: bool) -> list[float]:
-    out = []
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ConfigError(f"{key}: {v!r} is not a number of seconds")
-        v = float(v)
-        if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
-            bound = "a finite number >= 0" if allow_zero else "a finite number > 0"
-            raise ConfigError(f"{key}: {v!r} must be {bound}")
-        out.append(v)
-    return out
+def _one_time(value: Any, key: str, allow_zero: bool) -> float:
+    if isinstance(value, (list, tuple, dict)):
+        raise ConfigError(f"{key}: expected one number, got {value!r}")
+    return resolve_times(value, 1, option=key, allow_zero=allow_zero)[0]
 
 
 def per_worker_values(spec: Any, n: int, key: str, dim: int | None = None,
                       allow_zero: bool = False) -> list[float]:
     """Resolve a number / list / shape name / {shape, scale} into n per-worker seconds."""
-    if isinstance(spec, str):
-        try:
-            values = shape_values(spec, n, dim)
-        except (ValueError, KeyError) as exc:
-            raise ConfigError(f"{key}: {exc}") from None
-    elif isinstance(spec, dict) and set(spec) <= {"shape", "scale"} and "shape" in spec:
-        scale = _check_times([spec.get("scale", 1.0)], f"{key}.scale", allow_zero)[0]
-        values = [scale * v for v in per_worker_values(spec["shape"], n, key, dim, allow_zero)]
-    elif isinstance(spec, (list, tuple)):
-        if len(spec) != n:
-            raise ConfigError(f"{key}: the list has {len(spec)} entries but workers.n is {n}; give one per worker")
-        values = list(spec)
-    elif isinstance(spec, (int, float)) and not isinstance(spec, bool):
-        values = [spec] * n
-    else:
-        raise ConfigError(f"{key}: expected a number, a list of {n} numbers, a shape name or {{shape, scale}}, got {spec!r}")
-    return _check_times(values, key, allow_zero)
+    if isinstance(spec, dict):
+        if "shape" not in spec or set(spec) - {"shape", "scale"}:
+            raise ConfigError(f"{key}: a mapping here takes shape and scale, got keys {sorted(spec)}")
+        scale = _one_time(spec.get("scale", 1.0), f"{key}.scale", allow_zero)
+        return [scale * v for v in per_worker_values(spec["shape"], n, key, dim, allow_zero)]
+    if isinstance(spec, (list, tuple)) and len(spec) != n:
+        raise ConfigError(f"{key}: the list has {len(spec)} entries but workers.n is {n}; give one per worker")
+    if isinstance(spec, str) and "," in spec:
+        raise ConfigError(f"{key}: write several times as a YAML list [a, b, ...], not {spec!r}")
+    return resolve_times(spec, n, option=key, d=dim, allow_zero=allow_zero)
 
 
 class ComputeTime:
@@ -83,7 +69,7 @@ class ComputeTime:
                 raise ConfigError(f"{key}.dist: {spec['dist']!r} is not one of {', '.join(DISTRIBUTIONS)}")
             self.kind, self.dist = "random", spec["dist"]
             self.means = per_worker_values(spec.get("mean", 1.0), n, f"{key}.mean")
-            self.spread = _check_times([spec.get("spread", 0.5)], f"{key}.spread", allow_zero=True)[0]
+            self.spread = _one_time(spec.get("spread", 0.5), f"{key}.spread", True)
             if self.dist == "uniform" and self.spread > 1:
                 raise ConfigError(f"{key}.spread: a uniform model needs spread <= 1 (times must stay >= 0)")
         elif isinstance(spec, dict) and "schedule" in spec:
@@ -186,8 +172,8 @@ class TimeModel:
             extra = set(spec) - {"bandwidth", "latency", "bytes_per_param"}
             if extra or "bandwidth" not in spec:
                 raise ConfigError(f"{key}: the ring model takes bandwidth (bytes/s), latency (s), bytes_per_param")
-            bw = _check_times([spec["bandwidth"]], f"{key}.bandwidth", allow_zero=False)[0]
-            lat = _check_times([spec.get("latency", 0.0)], f"{key}.latency", allow_zero=True)[0]
-            bpp = _check_times([spec.get("bytes_per_param", 4)], f"{key}.bytes_per_param", allow_zero=False)[0]
+            bw = _one_time(spec["bandwidth"], f"{key}.bandwidth", False)
+            lat = _one_time(spec.get("latency", 0.0), f"{key}.latency", True)
+            bpp = _one_time(spec.get("bytes_per_param", 4), f"{key}.bytes_per_param", False)
             return 2 * (self.n - 1) / self.n * self.dim * bpp / bw + lat
-        return _check_times([spec], key, allow_zero=True)[0]
+        return _one_time(spec, key, True)

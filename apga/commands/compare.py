@@ -1,0 +1,93 @@
+"""`apga compare CONFIG.yaml --out DIR [--seeds N] [--jobs J] [--set ...] [--only NAME ...] [--pick final|auc]`."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from apga.errors import ApgaError
+
+EPILOG = """\
+examples:
+  apga compare configs/compare_quick.yaml --out runs/quick_compare
+  apga compare configs/paper/sqrt.yaml --out runs/paper/sqrt --seeds 2 --jobs 2
+  apga compare configs/paper/slow_comm.yaml --out runs/paper/slow_comm --only hopper
+  apga compare configs/tune_hopper.yaml --out runs/tune_hopper --pick final
+
+A compare config (see apga/compare.py and docs/results.md) has base: or base_file:, variants:
+(name -> overrides), and optionally settings: (name -> overrides; one panel each), seeds:,
+threshold:, baselines:, grid:, title:. Every run is one `apga train` run in
+DIR/<setting>/<variant>/seed<k>/. Re-running the same command skips finished runs and resumes
+unfinished ones. Outputs in DIR: comparison.png (+ _trajectories, _comms), comparison.csv,
+summary.md, summary.json, picked.yaml (with --pick), logs/ (each run's stderr).
+"""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("compare", help="run methods x seeds (x settings) in parallel and compare them",
+                       description="Run every setting x variant x seed of a compare config as separate "
+                       "`apga train` runs in parallel processes, then plot and summarise them.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="compare config YAML")
+    p.add_argument("--out", required=False, help="output directory (re-use it to skip finished runs)")
+    p.add_argument("--seeds", type=int, metavar="N", help="use seeds 0..N-1 (overrides seeds: of the config)")
+    p.add_argument("--jobs", type=int, metavar="J", help=f"parallel processes (default: cores = {os.cpu_count()})")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one train-config key in every run (applied after variants and settings)")
+    p.add_argument("--only", nargs="+", metavar="NAME", default=None,
+                   help="run only these variants (a grid family name selects all its points) and/or "
+                   "settings; the outputs still include every finished run")
+    p.add_argument("--pick", metavar="METRIC", choices=["final", "auc", "best"],
+                   help="after the runs, choose per setting and method the best grid point by mean final "
+                   "eval return (final, alias best) or area under the curve (auc); writes DIR/picked.yaml")
+    p.add_argument("--force", action="store_true",
+                   help="rerun runs whose directory holds a different config (otherwise an error)")
+    p.add_argument("--dry-run", action="store_true", help="validate and list the runs with their state; run nothing")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or progress lines")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from apga import compare as cmp
+
+    if not args.out:
+        raise ApgaError("--out DIR is required: where the runs and the comparison go")
+    if args.seeds is not None and args.seeds < 1:
+        raise ApgaError(f"--seeds: must be >= 1, got {args.seeds}")
+    if args.jobs is not None and args.jobs < 1:
+        raise ApgaError(f"--jobs: must be >= 1, got {args.jobs}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ApgaError(f"--out {args.out!r} exists and is not a directory")
+    metric = {"best": "final"}.get(args.pick, args.pick)
+    plan = cmp.load_plan(args.config, args.out, args.overrides, args.seeds, args.only)
+
+    if args.dry_run:
+        for r in plan.runs:
+            state, detail = cmp.run_state(r)
+            print(f"{state:9s} {r.out_dir}" + (f"  ({detail})" if detail else ""))
+        print(f"{len(plan.runs)} runs: {len(plan.settings)} setting(s) x {len(plan.variants)} variant(s) x "
+              f"{len(plan.seeds)} seed(s)" + (" (filtered by --only)" if args.only else ""))
+        return 0
+
+    try:
+        rep = cmp.execute(plan, args.jobs, args.force, progress=not args.quiet)
+    except KeyboardInterrupt:
+        sys.stderr.write("apga: interrupted; run the same `apga compare` command again to resume\n")
+        return 130
+    for r, msg in rep["failed"]:
+        sys.stderr.write(f"apga: error: run {r.out_dir} failed: {msg} "
+                         f"(log: {os.path.join(args.out, 'logs', r.setting, r.variant, f'seed{r.seed}.log')})\n")
+    print(f"runs: {rep['ran']} run, {rep['skipped']} already finished, {len(rep['failed'])} failed")
+    full = cmp.load_plan(args.config, args.out, args.overrides, args.seeds)
+    try:
+        paths = cmp.report(full, metric)
+    except ApgaError:
+        if rep["failed"]:
+            return 1
+        raise
+    print(f"plot: {paths['plot']} (also {paths['plot_trajectories']}, {paths['plot_comms']})")
+    print(f"summary: {paths['summary']}")
+    print(f"table: {paths['csv']}")
+    if "picked" in paths:
+        print(f"picked: {paths['picked']}")
+    return 1 if rep["failed"] else 0
