@@ -47,6 +47,7 @@ import math
 import os
 import re
 import sys
+import textwrap
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -444,6 +445,26 @@ def run_state(run: Run) -> tuple[str, str]:
     return "resume", ""
 
 
+def _child_init() -> None:
+    """Children ignore Ctrl-C (the terminal sends it to the whole group): the parent stops them."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _stop_children(executor) -> None:
+    """Terminate the pool's processes now; their runs resume from the last checkpoint next time."""
+    for proc in list(getattr(executor, "_processes", {}).values()):
+        try:
+            proc.terminate()
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+    executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def _execute(task: tuple) -> tuple:
     """Child process: run (or resume) one run quietly; stdout/stderr go to the task's log file."""
     mode, out_dir, data, log_path = task
@@ -463,7 +484,8 @@ def _execute(task: tuple) -> tuple:
             torch.set_num_threads(1)
         except ImportError:  # pragma: no cover
             pass
-        from apga import train as trainmod
+        import importlib
+        trainmod = importlib.import_module("apga.train")  # apga.train is also a function name
         if mode == "resume":
             result = trainmod.resume(out_dir, progress=False)
         else:
@@ -583,7 +605,9 @@ def execute(plan: Plan, jobs: int | None = None, force: bool = False, progress: 
     import multiprocessing
     ctx = multiprocessing.get_context("spawn")
     finished, failed = skipped, []
-    executor = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx)
+    import signal
+    old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
+    executor = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_child_init)
     try:
         futures = {}
         for r, st in todo:
@@ -611,18 +635,22 @@ def execute(plan: Plan, jobs: int | None = None, force: bool = False, progress: 
                     failed.append((r, payload))
                     done_frac[id(r)] = 1.0
                     events.append(f"{name} failed: {payload}")
+            running = 0
             for fut in pending:
-                r, st = futures[fut]
-                done_frac[id(r)] = run_fraction(r, 0.0 if st == "resume" else start - 1.0)
-            running = min(len(pending), jobs)
+                if fut.running():  # (includes the few tasks already queued to a worker)
+                    r, st = futures[fut]
+                    done_frac[id(r)] = run_fraction(r, 0.0 if st == "resume" else start - 1.0)
+                    running += 1
+            running = min(running, jobs)
             total = sum(done_frac.values())
             for ev in events or [None]:
                 bar.update(total, finished, running, len(failed), ev)
     except KeyboardInterrupt:
-        executor.shutdown(wait=False, cancel_futures=True)
+        _stop_children(executor)
         bar.close()
         raise
     finally:
+        signal.signal(signal.SIGTERM, old_term)
         executor.shutdown(wait=True, cancel_futures=True)
         bar.close()
     report["failed"] = failed
@@ -786,13 +814,15 @@ def plot(plan: Plan, results: dict, out: str) -> list:
                 lo, hi = np.percentile(curves, 20, axis=0), np.percentile(curves, 80, axis=0)
                 ax.plot(grid[keep], mean[keep], color=colours[v], lw=1.6, label=f"{v} ({len(seeds)} seeds)")
                 ax.fill_between(grid[keep], lo[keep], hi[keep], color=colours[v], alpha=0.2, lw=0)
-            ax.set_title(s if len(plan.settings) > 1 or s != DEFAULT_SETTING else plan.title)
+            ax.set_title(s if len(plan.settings) > 1 or s != DEFAULT_SETTING else textwrap.fill(plan.title, 60),
+                         fontsize=10)
             ax.set_xlabel(label)
             ax.set_ylabel("eval return")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
         if len(plan.settings) > 1 or plan.settings[0] != DEFAULT_SETTING:
-            fig.suptitle(f"{plan.title}: mean and 20-80 % band over seeds")
+            fig.suptitle(textwrap.fill(f"{plan.title}: mean and 20-80 % band over seeds", 40 + 50 * ncol),
+                         fontsize=11)
         fig.tight_layout()
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=110)

@@ -346,10 +346,15 @@ def validate(cfg: Config) -> None:
     _require(len(e.per_worker) <= w.n, "env.per_worker", f"has {len(e.per_worker)} entries for {w.n} workers")
     _require(all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in cfg.policy.hidden),
              "policy.hidden", f"expected a list of layer sizes >= 1, got {cfg.policy.hidden!r}")
-    _require(math.isfinite(cfg.policy.init_std) and cfg.policy.init_std > 0, "policy.init_std", "must be > 0")
-    _require(cfg.policy.rollout_batch >= 1, "policy.rollout_batch", "must be >= 1")
+    _require(math.isfinite(cfg.policy.init_std) and cfg.policy.init_std > 0, "policy.init_std",
+             f"must be a finite number > 0, got {cfg.policy.init_std}")
+    _require(cfg.policy.rollout_batch >= 1, "policy.rollout_batch",
+             f"must be >= 1, got {cfg.policy.rollout_batch}")
     _require(cfg.runtime.name in ("sim", "ray"), "runtime.name", f"must be sim or ray, got {cfg.runtime.name!r}")
-    _require(cfg.runtime.processes >= 0, "runtime.processes", "must be >= 0 (0 = one per core)")
+    _require(math.isfinite(cfg.runtime.worker_timeout) and cfg.runtime.worker_timeout > 0, "runtime.worker_timeout",
+             f"must be a finite number of seconds > 0, got {cfg.runtime.worker_timeout}")
+    _require(cfg.runtime.processes >= 0, "runtime.processes",
+             f"must be >= 0 (0 = one per core), got {cfg.runtime.processes}")
     _require(any(v is not None for v in (b.time, b.trajectories, b.iterations)), "budget",
              "set at least one of budget.time, budget.trajectories, budget.iterations")
     _require(b.time is None or (math.isfinite(b.time) and b.time > 0), "budget.time",
@@ -357,6 +362,7 @@ def validate(cfg: Config) -> None:
     _require(b.trajectories is None or b.trajectories > 0, "budget.trajectories",
              f"must be > 0 (or null), got {b.trajectories}")
     _require(b.iterations is None or b.iterations > 0, "budget.iterations", f"must be > 0 (or null), got {b.iterations}")
-    _require(cfg.eval.every >= 0, "eval.every", "must be >= 0 (0 = never)")
-    _require(cfg.eval.episodes >= 1, "eval.episodes", "must be >= 1")
-    _require(cfg.checkpoint.every >= 1, "checkpoint.every", "must be >= 1")
+    _require(cfg.eval.every >= 0, "eval.every", f"must be >= 0 (0 = never), got {cfg.eval.every}")
+    _require(cfg.eval.episodes >= 1, "eval.episodes", f"must be >= 1, got {cfg.eval.episodes}")
+    _require(cfg.checkpoint.every >= 1, "checkpoint.every",
+             f"must be >= 1 (updates between checkpoints), got {cfg.checkpoint.every}")

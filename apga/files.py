@@ -25,8 +25,12 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write to a temp file in the same folder, fsync it, rename it over ``path``, fsync the folder."""
+def atomic_write_bytes(path: str, data: bytes, durable: bool = True) -> None:
+    """Write to a temp file in the same folder, fsync it, rename it over ``path``, fsync the folder.
+
+    A reader (or a killed process's successor) sees the old file or the new one, never a mix.
+    ``durable=False`` skips both fsyncs: still atomic against a killed process, but after a power
+    loss the old version may come back (for files rewritten often that nothing depends on)."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
     try:
@@ -41,7 +45,8 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
                 data = data[half:]
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -49,11 +54,12 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
-    _fsync_dir(folder)
+    if durable:
+        _fsync_dir(folder)
 
 
-def atomic_write_text(path: str, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
+def atomic_write_text(path: str, text: str, durable: bool = True) -> None:
+    atomic_write_bytes(path, text.encode(), durable)
 
 
 def atomic_pickle(path: str, obj: Any) -> None:

@@ -33,6 +33,16 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    try:
+        return _run(args)
+    except ApgaError as exc:  # the CLI prints the message as one line: keep it one line
+        text = str(exc)
+        if "\n" in text or "\r" in text:
+            raise type(exc)(" ".join(text.split())) from None
+        raise
+
+
+def _run(args) -> int:
     from apga import config as cfgmod
     from apga.train import resume, train
 

@@ -164,8 +164,9 @@ class RLOracle(Oracle):
         theta = torch.from_numpy(np.array(point, dtype=np.float64)).requires_grad_(True)
         workers = np.array([w for w, _ in chunk])
         valid = np.arange(self.horizon)[None, :] < ro.lengths[:, None]  # (B, H)
-        weights = self._weights(ro.rewards)
-        returns_all = ro.rewards.sum(axis=1)  # undiscounted
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is caught below: rejected
+            weights = self._weights(ro.rewards)
+            returns_all = ro.rewards.sum(axis=1)  # undiscounted
         result = {}
         for w in dict.fromkeys(workers.tolist()):  # workers in order of first appearance
             mine = workers == w
@@ -216,9 +217,11 @@ class RLOracle(Oracle):
         if self.policy_cfg.normalize_returns:  # outside the theory: unit std over the batch's steps
             std = w[valid].std()
             w /= std + 1e-8
-        obs = torch.from_numpy(ro.obs[rows][valid])
-        samples = torch.from_numpy(ro.samples[rows][valid])
-        w_t = torch.from_numpy(np.ascontiguousarray(w[valid]))
+        b_idx, t_idx = np.nonzero(valid)  # row-major: trajectory by trajectory, t increasing
+        b_idx = rows[b_idx]
+        obs = torch.from_numpy(ro.obs[b_idx, t_idx])
+        samples = torch.from_numpy(ro.samples[b_idx, t_idx])
+        w_t = torch.from_numpy(w[valid])
         loss = (w_t * policies.log_prob(self.spec, theta, obs, samples)).sum()
         (g,) = torch.autograd.grad(loss, theta)
         return g.numpy().copy()

@@ -1,0 +1,162 @@
+"""Starting, joining and inspecting a Ray session for the Ray runtime (loopback-only by default).
+
+A *local* session (``runtime.address: null``) is a fresh single-node Ray instance that
+
+- binds every socket of every Ray process to 127.0.0.1 (the node IP is the loopback address:
+  Ray would otherwise replace ``127.0.0.1`` by the machine's routable IP and listen on it);
+- starts no dashboard, reports no usage statistics, logs warnings only;
+- keeps all its files (sockets, logs, spill) in a fresh ``tempfile.mkdtemp`` removed at close;
+- writes nothing to ``$HOME``: Ray's token authentication stays on, but with a per-process random
+  token passed through the environment (``RAY_AUTH_TOKEN``) instead of ``~/.ray/auth_token``.
+
+Joining a cluster (``runtime.address: HOST:PORT``) leaves all of that to whoever ran
+``ray start``; see docs/ray.md.
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+import secrets
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+LOOPBACK = "127.0.0.1"
+OBJECT_STORE_BYTES = 256 * 1024 * 1024  # vectors are small; do not reserve 30 % of RAM
+
+# Ray replaces a node IP of 127.0.0.1 by the machine's routable IP unless "clusters" are disabled
+# (ray._private.ray_constants.ENABLE_RAY_CLUSTER, read from this variable at import).
+_CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def _import_ray():
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+    return ray
+
+
+@contextmanager
+def _loopback_node_ip():
+    """Keep 127.0.0.1 as the node IP while Ray starts or connects: in this process (the constant)
+    and in the processes it spawns now (the environment; workers inherit it from the raylet)."""
+    from ray._private import ray_constants
+    saved_const, saved_env = ray_constants.ENABLE_RAY_CLUSTER, os.environ.get(_CLUSTER_ENV)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    os.environ[_CLUSTER_ENV] = "0"
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_const
+        if saved_env is None:
+            os.environ.pop(_CLUSTER_ENV, None)
+        else:
+            os.environ[_CLUSTER_ENV] = saved_env
+
+
+@dataclass
+class Session:
+    """A Ray connection opened by apga. ``owned``: apga started the cluster (and removes it)."""
+
+    owned: bool
+    address: str | None
+    temp_dir: str | None
+
+    def close(self) -> None:
+        import ray
+        try:
+            if ray.is_initialized():
+                ray.shutdown()
+        finally:
+            if self.temp_dir:
+                shutil.rmtree(self.temp_dir, ignore_errors=True)
+                self.temp_dir = None
+
+
+def start_local(num_cpus: int | None = None) -> Session:
+    """Start a fresh loopback-only single-node Ray instance (see the module docstring)."""
+    ray = _import_ray()
+    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+    temp_dir = tempfile.mkdtemp(prefix="apga-ray-")
+    try:
+        with _loopback_node_ip():
+            ray.init(
+                num_cpus=num_cpus or os.cpu_count() or 1,
+                object_store_memory=OBJECT_STORE_BYTES,
+                include_dashboard=False,
+                configure_logging=True,
+                logging_level="warning",
+                log_to_driver=False,
+                _node_ip_address=LOOPBACK,
+                _temp_dir=temp_dir,
+            )
+    except BaseException:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        raise
+    return Session(True, None, temp_dir)
+
+
+def join(address: str) -> Session:
+    """Connect this process, as a driver, to a running cluster (``ray start --head``)."""
+    ray = _import_ray()
+    kwargs = dict(address=address, configure_logging=True, logging_level="warning", log_to_driver=False)
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if is_loopback(host) or host == "localhost":  # a cluster on this machine's loopback interface
+        with _loopback_node_ip():
+            ray.init(_node_ip_address=LOOPBACK, **kwargs)
+    else:
+        ray.init(**kwargs)
+    return Session(False, address, None)
+
+
+def open_session(address: str | None, num_cpus: int | None = None) -> Session | None:
+    """A session for the runtime: None if this process is already connected to Ray (a caller,
+    e.g. a test fixture, owns it); else a new local instance or a connection to ``address``."""
+    ray = _import_ray()
+    if ray.is_initialized():
+        return None
+    return join(address) if address else start_local(num_cpus)
+
+
+# ----------------------------------------------------------------------------- inspection
+def is_loopback(ip: str) -> bool:
+    try:
+        addr = ipaddress.ip_address(ip.split("%")[0])
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_loopback
+
+
+def session_processes(root_pid: int | None = None):
+    """The driver and every process it started (GCS, raylets, agents, workers, actors)."""
+    import psutil
+    root = psutil.Process(root_pid or os.getpid())
+    return [root] + root.children(recursive=True)
+
+
+def inet_sockets(processes) -> list[dict]:
+    """Every TCP/UDP socket of ``processes``: pid, name, status, local and remote address."""
+    import psutil
+    out = []
+    for p in processes:
+        try:
+            name = p.name()
+            conns = p.net_connections(kind="inet")
+        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+            continue
+        for c in conns:
+            out.append({
+                "pid": p.pid, "name": name, "status": c.status,
+                "local": c.laddr.ip if c.laddr else None, "local_port": c.laddr.port if c.laddr else None,
+                "remote": c.raddr.ip if c.raddr else None,
+            })
+    return out
+
+
+def non_loopback_sockets(processes=None) -> list[dict]:
+    """Sockets of the session's processes bound or connected to anything but the loopback address."""
+    socks = inet_sockets(processes if processes is not None else session_processes())
+    return [s for s in socks if not (s["local"] is None or is_loopback(s["local"]))
+            or (s["remote"] is not None and not is_loopback(s["remote"]))]

@@ -1,0 +1,400 @@
+"""The body of one Ray worker actor: computes trajectories, keeps its round's local sum, reduces.
+
+One actor = one apga worker ``w``. It is a *threaded* actor: a background compute thread rolls out
+one trajectory at a time (``oracle.gradients(point, [(w, j)])``), while the driver's calls (begin a
+round, wait for progress, halt, upload, AllReduce, ...) are served by Ray's call threads.
+
+During a round only scalars travel: :meth:`progress` is a long poll that returns the number of
+gradients finished so far. At the stop the driver says how many gradients b_w of this worker the
+round consumes (the first b_w in job order: a gradient that finished after the stop is discarded
+even if it made it into the list), and the worker either uploads its sum (server aggregation) or
+takes part in one gloo AllReduce with the other workers and applies the NIGT step to its own copy
+of the NIGT state (AllReduce aggregation).
+
+Cancellation (``algorithm.cancel``): a halted round abandons its in-flight trajectory within one
+environment step (true) or lets it finish and discards it (false). The check runs before every
+``env.step`` of the RL oracle (through :func:`install_step_check`, a wrapper around the envs of
+this process, because :class:`apga.oracle.rl.RLOracle` has no cancellation argument yet), between
+trajectories for other oracles, and inside the injected-delay sleep.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import inspect
+import os
+import socket
+import threading
+import time
+from typing import Callable
+
+import numpy as np
+
+from apga.oracle.base import WorkerBatch
+from apga.protocol.nigt import NIGTState, extrapolated_point, nigt_step
+
+
+class Cancelled(Exception):
+    """The in-flight trajectory was abandoned because its round ended."""
+
+
+def digest(x: np.ndarray) -> str:
+    """A short fingerprint of a float64 vector's exact bits."""
+    return hashlib.blake2b(np.ascontiguousarray(x, dtype=np.float64).tobytes(), digest_size=8).hexdigest()
+
+
+# ----------------------------------------------------------------------------- env-step hook
+_STEP_CHECK: Callable[[], bool] | None = None  # the check of the trajectory in flight (one per process)
+
+
+def install_step_check() -> bool:
+    """Make every env that apga.oracle.rl builds in this process check ``_STEP_CHECK`` before each
+    step (and raise :class:`Cancelled`). Only used in actor processes. Returns False if the RL
+    oracle is not available."""
+    try:
+        import gymnasium as gym
+        from apga.oracle import rl
+    except ImportError:
+        return False
+    if getattr(rl.make_env, "_apga_step_check", False):
+        return True
+    original = rl.make_env
+
+    class StepCheck(gym.Wrapper):
+        def step(self, action):
+            check = _STEP_CHECK
+            if check is not None and check():
+                raise Cancelled()
+            return self.env.step(action)
+
+    def make_env(env_cfg, worker):
+        return StepCheck(original(env_cfg, worker))
+
+    make_env._apga_step_check = True
+    rl.make_env = make_env
+    return True
+
+
+def _interface_of(ip: str) -> str | None:
+    import psutil
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.address == ip for a in addrs if a.family in (socket.AF_INET, socket.AF_INET6)):
+            return name
+    return None
+
+
+class WorkerActor:
+    """Ray actor body (the runtime wraps it with ``ray.remote``); ``spec`` is a plain dict."""
+
+    def __init__(self, worker: int, spec: dict):
+        import torch
+        torch.set_num_threads(1)
+        self.w, self.n = worker, spec["n"]
+        self.rule, self.alpha, self.eta = spec["rule"], spec["alpha"], spec["eta"]
+        self.times, self.inject, self.cancel = spec["times"], spec["inject"], spec["cancel"]
+        self.comm = self.times.comm[worker] if self.inject else 0.0
+        self.step_hook = install_step_check()
+        self.oracle = spec["oracle_factory"]()
+        try:
+            self.stop_arg = "should_stop" in inspect.signature(self.oracle.gradients).parameters
+        except (TypeError, ValueError):
+            self.stop_arg = False
+        self.cv = threading.Condition()
+        self.round = -1  # current round id
+        self.active = False  # computing for the current round
+        self.point: np.ndarray | None = None
+        self.point_digest = ""
+        self.limit: int | None = None  # jobs to start in the round at most (sync quota)
+        self.started = 0  # jobs started in the current round
+        self.next_job = 0  # the next job index of this worker (the driver sets it at begin)
+        self.not_before = 0.0  # injected download: the round's first job starts then (epoch s)
+        self.origin = time.time()  # epoch of the run clock (for time models that depend on it)
+        self.results: list[WorkerBatch] = []  # finished gradients of the round, in job order
+        self.completed = 0  # trajectories completed (used or discarded) since the last report
+        self.job_stop: threading.Event | None = None  # set -> abandon the trajectory in flight
+        self.closing = False
+        self.error = ""  # a failed job (reported to the driver by the next call)
+        self.nigt: NIGTState | None = None  # AllReduce mode: this worker's copy of the NIGT state
+        self.pending: tuple[int, NIGTState] | None = None  # (round, state) until the next begin
+        self.pg = None  # gloo process group (AllReduce mode)
+        self.group_epoch = -1
+        self._listen: socket.socket | None = None
+        self.thread = threading.Thread(target=self._compute_loop, name=f"apga-worker-{worker}", daemon=True)
+        self.thread.start()
+
+    # ------------------------------------------------------------------ small calls
+    def info(self) -> dict:
+        import ray
+        ctx = ray.get_runtime_context()
+        return {"worker": self.w, "pid": os.getpid(), "node_id": ctx.get_node_id(),
+                "ip": ray.util.get_node_ip_address(), "step_hook": self.step_hook or self.stop_arg,
+                "restarted": ctx.was_current_actor_reconstructed}
+
+    def set_state(self, state: NIGTState | None) -> str:
+        """AllReduce mode: (re)load this worker's NIGT copy (at start, after a restart, on resync)."""
+        with self.cv:
+            self.nigt, self.pending = state, None
+        return digest(state.theta) if state is not None else ""
+
+    # ------------------------------------------------------------------ rounds
+    def begin(self, r: int, point, first_job: int, limit: int | None, origin: float) -> None:
+        """Start round ``r`` at ``point`` (None: the extrapolated point of this worker's NIGT copy)
+        with job indices first_job, first_job + 1, ..."""
+        with self.cv:
+            if r <= self.round:
+                return  # stale or repeated
+            if self.pending is not None and self.pending[0] == r - 1:
+                self.nigt = self.pending[1]  # the previous round's AllReduce step, now committed
+            self.pending = None
+            if point is None:
+                point = extrapolated_point(self.nigt, self.eta)
+            self.round, self.point, self.point_digest = r, np.asarray(point), digest(point)
+            self.results, self.started, self.next_job = [], 0, first_job
+            self.limit, self.origin, self.active = limit, origin, True
+            self.not_before = time.time() + self.comm
+            self.cv.notify_all()
+
+    def resume(self, r: int) -> None:
+        """Continue round ``r`` after a halt (a reduction failed because another worker died)."""
+        with self.cv:
+            if self.round == r:
+                self.active = True
+                self.cv.notify_all()
+
+    def progress(self, r: int, seen: int, timeout: float) -> dict:
+        """Long poll: return once round ``r`` has more than ``seen`` finished gradients, is halted
+        or over, or after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        with self.cv:
+            while True:
+                if self.round > r or (self.round == r and (len(self.results) > seen or not self.active)):
+                    break
+                if self.error or (self.round == r and self.limit is not None and self.started >= self.limit
+                                  and self.job_stop is None):
+                    break  # failed, or quota reached and nothing in flight
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.cv.wait(left)
+            return self._report(r)
+
+    def halt(self, r: int) -> dict:
+        """Stop computing for round ``r``; cancel (or let finish and discard) the trajectory in flight."""
+        with self.cv:
+            if self.round == r and self.active:
+                self.active = False
+                if self.cancel and self.job_stop is not None:
+                    self.job_stop.set()
+                self.cv.notify_all()
+            return self._report(r)
+
+    def _report(self, r: int) -> dict:
+        if self.error:
+            raise RuntimeError(self.error)
+        count = len(self.results) if self.round == r else 0
+        done, self.completed = self.completed, 0
+        current = self.round == r
+        busy = current and (self.job_stop is not None
+                            or (self.active and (self.limit is None or self.started < self.limit)))
+        return {"round": self.round, "count": count, "next_job": self.next_job,
+                "active": self.active and current, "busy": busy, "completed": done}
+
+    def _batch(self, r: int, b: int) -> WorkerBatch | None:
+        with self.cv:
+            if self.round != r or len(self.results) < b:
+                raise RuntimeError(f"worker {self.w}: round {r} has {len(self.results)} gradients, "
+                                   f"the driver asked for {b} (actor round {self.round})")
+            parts = self.results[:b]
+        if not parts:
+            return None
+        out = parts[0]
+        for p in parts[1:]:
+            out = out.merge(p)  # job order, as the oracle accumulates a worker's jobs
+        return out
+
+    def upload(self, r: int, b: int) -> tuple[WorkerBatch | None, str]:
+        """Server aggregation: the sum of this worker's first ``b`` gradients of round ``r``."""
+        batch = self._batch(r, b)
+        if self.inject and self.comm > 0:
+            time.sleep(self.comm)
+        return batch, self.point_digest
+
+    # ------------------------------------------------------------------ AllReduce (gloo)
+    def open_store(self, epoch: int) -> tuple[str, int]:
+        """Rank 0: bind the rendezvous socket on this node's IP (port chosen by the OS)."""
+        import ray
+        ip = ray.util.get_node_ip_address()
+        self._close_listen()
+        s = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM)
+        s.bind((ip, 0))
+        s.listen(256)
+        self._listen = s
+        return ip, s.getsockname()[1]
+
+    def _close_listen(self):
+        if self._listen is not None:
+            self._listen.close()
+            self._listen = None
+
+    def join_group(self, epoch: int, rank: int, world: int, ip: str, port: int, timeout: float) -> int:
+        """(Re)build the gloo process group of this epoch: ``world`` live workers, this one as ``rank``.
+
+        The rendezvous is a c10d TCPStore on ``ip:port`` (rank 0 hosts it on the socket bound by
+        :meth:`open_store`, i.e. on its node IP only, never on all interfaces); gloo's own
+        connections use the network interface that carries this node's IP.
+        """
+        import ray
+        import torch.distributed as dist
+        self.leave_group()
+        my_ip = ray.util.get_node_ip_address()
+        if "GLOO_SOCKET_IFNAME" not in os.environ:
+            iface = _interface_of(my_ip)
+            if iface:
+                os.environ["GLOO_SOCKET_IFNAME"] = iface
+        td = datetime.timedelta(seconds=timeout)
+        if rank == 0:
+            fd = self._listen.detach()
+            self._listen = None
+            store = dist.TCPStore(ip, port, world, True, td, master_listen_fd=fd, use_libuv=False)
+        else:
+            store = dist.TCPStore(ip, port, world, False, td)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=td)
+        self.pg, self.store, self.rank, self.group_epoch = dist.group.WORLD, store, rank, epoch
+        return epoch
+
+    def leave_group(self) -> None:
+        import torch.distributed as dist
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:  # a broken group (a peer died): nothing left to release cleanly
+                pass
+        self.pg, self.store = None, None
+
+    def allreduce(self, r: int, b: int, epoch: int) -> dict:
+        """AllReduce aggregation of round ``r`` with this worker's first ``b`` gradients.
+
+        One AllReduce of [vector, accepted count, rejected count, live flag, env steps], where the
+        vector is the sum g_w (Rennala, sync) or g_w / b_w (Malenia). Every worker then forms the
+        same aggregate and NIGT step (the one of RoundAlgorithm.finish_round) on its own copy of
+        the NIGT state; the step is committed when the next round begins.
+        """
+        import torch
+        import torch.distributed as dist
+        if epoch != self.group_epoch or self.pg is None:
+            raise RuntimeError(f"worker {self.w}: process group epoch {self.group_epoch}, driver expects {epoch}")
+        batch = self._batch(r, b)
+        dim = self.nigt.theta.shape[0]
+        count = batch.count if batch else 0
+        if batch is None or count == 0:
+            vec = np.zeros(dim)
+        elif self.rule == "malenia":
+            vec = batch.grad_sum / count
+        else:
+            vec = batch.grad_sum
+        buf = np.concatenate([vec, [count, batch.rejected if batch else 0, 1.0 if count > 0 else 0.0,
+                                    batch.env_steps if batch else 0]])
+        t0 = time.time()
+        tensor = torch.from_numpy(buf)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.pg)
+        if self.inject and self.times.allreduce > 0:
+            time.sleep(max(0.0, self.times.allreduce - (time.time() - t0)))
+        total, rejected, live, env_steps = (float(x) for x in buf[dim:])
+        stepped, grad_norm, state = False, float("nan"), self.nigt
+        ok = total > 0
+        if ok:
+            g = buf[:dim] / (live if self.rule == "malenia" else total)
+            ok = bool(np.all(np.isfinite(g)))
+            if ok:
+                state, stepped = nigt_step(self.nigt, g, self.alpha, self.eta)
+                grad_norm = float(np.linalg.norm(g))
+        with self.cv:
+            self.pending = (r, state)
+        return {"digest": digest(state.theta), "state": state if self.rank == 0 else None,
+                "ok": ok, "stepped": stepped, "grad_norm": grad_norm, "total": int(total),
+                "rejected": int(rejected), "env_steps": int(env_steps), "point_digest": self.point_digest,
+                "returns": batch.returns if batch else np.zeros(0)}
+
+    # ------------------------------------------------------------------ AFedPG
+    def afedpg_job(self, point: np.ndarray, job: int, origin: float) -> WorkerBatch | None:
+        """One gradient at ``point`` (after the injected download, before the injected upload)."""
+        stop = threading.Event()
+        with self.cv:
+            self.origin, self.job_stop = origin, stop
+        try:
+            if self.inject and self.comm > 0 and stop.wait(self.comm):
+                return None
+            batch = self._run_job(np.asarray(point), job, stop)
+            if batch is None or (self.inject and self.comm > 0 and stop.wait(self.comm)):
+                return None
+            return batch
+        finally:
+            with self.cv:
+                self.job_stop = None
+
+    # ------------------------------------------------------------------ compute
+    def _compute_loop(self) -> None:
+        while True:
+            with self.cv:
+                while not self.closing and not (self.active and (self.limit is None or self.started < self.limit)):
+                    self.cv.wait()
+                if self.closing:
+                    return
+                r, point, job = self.round, self.point, self.next_job
+                self.next_job += 1
+                self.started += 1
+                stop = threading.Event()
+                self.job_stop = stop
+                wait = self.not_before - time.time()
+            batch = None
+            try:
+                if wait <= 0 or not stop.wait(wait):  # injected download of the round's point
+                    batch = self._run_job(point, job, stop)
+            except Exception as exc:  # a bug or a broken env: reported to the driver, which stops
+                import traceback
+                with self.cv:
+                    self.error = f"job ({self.w}, {job}) failed: {type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+                    self.active = False
+            with self.cv:
+                self.job_stop = None
+                if batch is not None:
+                    self.completed += 1
+                    if self.round == r and self.active:
+                        self.results.append(batch)
+                self.cv.notify_all()
+
+    def _run_job(self, point: np.ndarray, job: int, stop: threading.Event) -> WorkerBatch | None:
+        """One trajectory of job (w, job) at ``point``, padded to the time model's compute time
+        when delays are injected; None if ``stop`` was set before it finished."""
+        global _STEP_CHECK
+        start = time.time()
+        target = start + self.times.compute(self.w, job, start - self.origin) if self.inject else start
+        _STEP_CHECK = stop.is_set
+        try:
+            if self.stop_arg:
+                out = self.oracle.gradients(point, [(self.w, job)], should_stop=stop.is_set)
+            else:
+                out = self.oracle.gradients(point, [(self.w, job)])
+        except Cancelled:
+            return None
+        except Exception as exc:
+            if type(exc).__name__ == "Cancelled":  # the oracle's own cancellation exception
+                return None
+            raise
+        finally:
+            _STEP_CHECK = None
+        if out is None or stop.is_set():
+            return None
+        left = target - time.time()
+        if left > 0 and stop.wait(left):
+            return None
+        return out[self.w]
+
+    def shutdown(self) -> None:
+        with self.cv:
+            self.closing, self.active = True, False
+            if self.job_stop is not None:
+                self.job_stop.set()
+            self.cv.notify_all()
+        self.leave_group()
+        self._close_listen()

@@ -1,0 +1,343 @@
+"""The Ray runtime: every algorithm on real actors, equality with the simulator where the job
+assignment is deterministic, loopback-only networking, a two-node cluster, worker crashes.
+
+Lean on purpose (2 workers, short CartPole trajectories, a few rounds): most of the time goes
+into starting actor processes. One local Ray instance serves a whole test class.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from apga.config import load_config  # noqa: E402
+from apga.errors import ApgaError  # noqa: E402
+from apga.runtime import ray_session  # noqa: E402
+from apga.runtime.ray_runtime import RayRuntime  # noqa: E402
+from apga.train import build_oracle, build_runtime  # noqa: E402
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
+
+HOME_RAY = os.path.expanduser("~/.ray")
+HOME_RAY_BEFORE = os.path.exists(HOME_RAY)
+M = 4
+
+
+def config(name="rennala_nigt", aggregation="server", env="CartPole-v1", n=2, **runtime):
+    return load_config({
+        "seed": 3,
+        "env": {"id": env, "horizon": 100},
+        "policy": {"hidden": [16, 16], "rollout_batch": 1},
+        "workers": {"n": n, "compute_time": runtime.pop("compute_time", 1.0)},
+        "algorithm": {"name": name, "aggregation": aggregation, "batch_size": M, "step_size": 0.05,
+                      "momentum": 0.5, "cancel": runtime.pop("cancel", True)},
+        "runtime": {"name": "ray", **runtime},
+        "budget": {"iterations": 3},
+        "eval": {"every": 0},
+    })
+
+
+def simulator_for(cfg):
+    sim_cfg = load_config({**_as_dict(cfg), "runtime": {"name": "sim"}})
+    oracle = build_oracle(sim_cfg)
+    return build_runtime(sim_cfg, oracle), oracle
+
+
+def _as_dict(cfg):
+    from apga.config import to_dict
+    return to_dict(cfg)
+
+
+def ray_processes():
+    """Ray processes started by this test process (GCS, raylets, agents, workers)."""
+    return [p for p in ray_session.session_processes()[1:]
+            if re.search(r"raylet|gcs_server|^ray::|default_worker|dashboard|runtime_env", p.name() + " " + " ".join(_cmd(p)))]
+
+
+def _cmd(p):
+    try:
+        return p.cmdline()
+    except Exception:
+        return []
+
+
+def ss_non_loopback(pids):
+    """Lines of `ss -tanp` (TCP, every state) owned by ``pids`` whose local address (listening
+    sockets) or local and peer addresses (connections) are not loopback."""
+    if shutil.which("ss") is None:
+        return []
+    out = subprocess.run(["ss", "-tanpH"], capture_output=True, text=True).stdout
+    bad = []
+    for line in out.splitlines():
+        if not {int(x) for x in re.findall(r"pid=(\d+)", line)} & pids:
+            continue
+        state, _, _, local, peer = line.split()[:5]
+        hosts = [local] if state == "LISTEN" else [local, peer]
+        if not all(ray_session.is_loopback(h.rsplit(":", 1)[0].strip("[]")) for h in hosts):
+            bad.append(line)
+    return bad
+
+
+# ============================================================================== one local Ray
+OUR_TEMP_DIRS: list[str] = []  # Ray temp dirs this module created (all must be gone at the end)
+
+
+@pytest.fixture(scope="class")
+def local_ray():
+    s = ray_session.start_local(2)
+    OUR_TEMP_DIRS.append(s.temp_dir)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.mark.usefixtures("local_ray")
+class TestLocal:
+
+    @pytest.mark.parametrize("name,aggregation", [
+        ("rennala_nigt", "server"), ("rennala_nigt", "allreduce"),
+        ("malenia_nigt", "server"), ("malenia_nigt", "allreduce"),
+        ("sync_nigt", "server"), ("sync_nigt", "allreduce"),
+    ])
+    def test_algorithm_trains_on_actors(self, name, aggregation):
+        """A few rounds of each round algorithm on CartPole; protocol invariants on every event.
+        sync_nigt assigns jobs deterministically: its iterates equal the simulator's bit for bit.
+        (AFedPG runs in the Trainer test below.)"""
+        cfg = config(name, aggregation)
+        oracle = build_oracle(cfg)
+        rt = build_runtime(cfg, oracle)
+        assert isinstance(rt, RayRuntime)
+        sim, sim_oracle = simulator_for(cfg) if name == "sync_nigt" else (None, None)
+        theta0 = rt.alg.theta.copy()
+        try:
+            for it in range(3):
+                ev = rt.step()
+                u = ev.update
+                assert rt.totals.iteration == it + 1 and rt.alg.version == it + 1
+                assert u.used + u.rejected == sum(ev.counts)
+                if name == "rennala_nigt":
+                    assert sum(ev.counts) == M  # stops at the first moment sum b_i >= M
+                elif name == "malenia_nigt":
+                    b = np.array(ev.counts)
+                    assert b.min() >= 1 and M * np.sum(1.0 / b) <= 4 * (1 + 1e-12)
+                else:
+                    assert ev.counts == [M // 2, M // 2]
+                    sim.step()
+                    np.testing.assert_array_equal(rt.alg.theta, sim.alg.theta)
+                    np.testing.assert_array_equal(rt.alg.state.d, sim.alg.state.d)
+                    assert rt.next_job == sim.next_job
+                assert u.env_steps > 0 and len(u.returns) == u.used
+                assert ev.round_start <= ev.stop <= ev.time == rt.clock
+            assert rt.totals.trajectories_computed >= rt.totals.trajectories
+            assert not np.array_equal(rt.alg.theta, theta0)
+            assert all(info["step_hook"] for info in rt.worker_info)
+            if aggregation == "allreduce" and name == "rennala_nigt":
+                # During a run (gloo group up): every socket of every Ray process is on loopback.
+                procs = ray_session.session_processes()
+                assert ray_session.non_loopback_sockets(procs) == []
+                assert ss_non_loopback({p.pid for p in procs}) == []
+                assert rt.resyncs == 0
+        finally:
+            rt.close()
+            oracle.close()
+            if sim_oracle is not None:
+                sim_oracle.close()
+
+    def test_trainer_runs_afedpg_and_checkpoints_on_ray(self, tmp_path):
+        """apga.train with runtime: ray and AFedPG: one gradient per update, one vector each way,
+        metrics on the wall clock, a checkpoint whose runtime unpickles without Ray."""
+        from apga.train import read_metrics, train
+        cfg = load_config({**_as_dict(config("afedpg", "server")), "eval": {"every": 2, "episodes": 2},
+                           "budget": {"iterations": 6}})
+        res = train(cfg, str(tmp_path / "run"), progress=False)
+        m = read_metrics(res.out_dir)
+        assert list(m["iteration"]) == list(range(7)) and res.summary["runtime"] == "ray"
+        assert list(np.diff(m["trajectories"])) == [1] * 6
+        assert m["vector_comms"][1] == 2 + 2 and list(np.diff(m["vector_comms"][1:])) == [2] * 5
+        assert np.all(np.diff(m["time"]) > 0) and not np.isnan(m["eval_return"][-1])
+        with open(tmp_path / "run" / "checkpoint.pkl", "rb") as f:
+            state = pickle.load(f)
+        rt = state["runtime"]
+        assert rt.totals.iteration == 6 and rt._actors is None and rt.clock == m["time"][-1]
+        assert sum(rt.next_job) >= 6
+
+    def test_cancellation_is_immediate_and_discarding_waits(self):
+        """Worker 1 is 20x slower (injected): with cancel its trajectory in flight is abandoned at
+        the stop; with cancel: false it finishes, is discarded, and delays worker 1's next round."""
+        times = [0.05, 1.0]
+        for cancel in (True, False):
+            cfg = config("rennala_nigt", "server", env="synthetic", compute_time=times, inject_delays=True,
+                         cancel=cancel)
+            oracle = build_oracle(cfg)
+            rt = build_runtime(cfg, oracle)
+            try:
+                rt.start()
+                durations = []
+                for _ in range(3):
+                    ev = rt.step()
+                    durations.append(ev.time - ev.round_start)
+                    assert ev.counts == [M, 0]
+                assert max(durations) < 0.8  # never waits for worker 1's 1 s trajectory
+                # Worker 0 may already have started its next job when the stop reaches it.
+                assert 3 * M <= rt.next_job[0] <= 3 * (M + 1)
+                if cancel:
+                    assert rt.totals.trajectories_computed == 3 * M  # cancelled jobs never complete
+                    assert rt.next_job[1] == 3  # worker 1 starts one job per round, cancelled
+                else:
+                    assert rt.next_job[1] == 1  # its job 0 is still running: no new start
+                    time.sleep(1.1)
+                    rt.step()  # the discarded trajectory is reported as computed, never used
+                    assert rt.totals.trajectories == 4 * M and rt.next_job[1] == 2
+                    assert 4 * M + 1 <= rt.totals.trajectories_computed <= rt.next_job[0] + 1
+            finally:
+                rt.close()
+                oracle.close()
+
+    def test_rennala_survives_a_killed_worker(self):
+        """SIGKILL worker 1 mid-round: the round goes on with worker 0, worker 1 restarts and rejoins."""
+        cfg = config("rennala_nigt", "server", env="synthetic", compute_time=[0.15, 0.15], inject_delays=True)
+        oracle = build_oracle(cfg)
+        rt = build_runtime(cfg, oracle)
+        try:
+            rt.start()
+            rt.step()
+            pid = rt.worker_pids()[1]
+            killer = threading.Timer(0.2, os.kill, (pid, signal.SIGKILL))
+            killer.start()
+            events = [rt.step()]
+            deadline = time.monotonic() + 60
+            while rt.restarts == 0 or events[-1].counts[1] == 0:
+                events.append(rt.step())
+                assert time.monotonic() < deadline
+            killer.join()
+            for ev in events:
+                assert sum(ev.counts) == M and ev.update.used == M
+            assert rt.restarts == 1 and rt.worker_pids()[1] != pid
+            assert rt.totals.trajectories == M * rt.totals.iteration
+        finally:
+            rt.close()
+            oracle.close()
+
+    def test_malenia_waits_for_a_restart_and_fails_after_the_timeout(self, tmp_path):
+        """Malenia needs every worker: a killed worker is waited for and rejoins (AllReduce group
+        rebuilt, NIGT copy reloaded); one that never comes back fails the run after worker_timeout."""
+        hang = str(tmp_path / "hang")
+
+        def factory():  # hangs forever on a restart once the marker file exists
+            if os.path.exists(hang) and ray.get_runtime_context().was_current_actor_reconstructed:
+                time.sleep(3600)
+            from apga.oracle.synthetic import SyntheticOracle
+            return SyntheticOracle(2, 3)
+
+        cfg = config("malenia_nigt", "allreduce", env="synthetic", compute_time=[0.1, 0.1], inject_delays=True)
+        oracle = build_oracle(cfg)
+        rt = build_runtime(cfg, oracle)
+        rt.oracle_factory = factory
+        try:
+            rt.start()
+            rt.step()
+            pid = rt.worker_pids()[1]
+            threading.Timer(0.05, os.kill, (pid, signal.SIGKILL)).start()
+            ev = rt.step()
+            assert ev.restarts == 1 and min(ev.counts) >= 1
+            ev = rt.step()
+            assert ev.restarts == 0 and rt.resyncs == 0 and rt.alg.version == 3
+            open(hang, "w").close()
+            rt.worker_timeout = 3.0
+            os.kill(rt.worker_pids()[1], signal.SIGKILL)
+            t = time.monotonic()
+            with pytest.raises(ApgaError, match=r"worker\(s\) \[1\] did not come back within runtime.worker_timeout=3"):
+                rt.step()
+            assert 2.5 < time.monotonic() - t < 20
+            assert rt.alg.version == 3 and rt.totals.iteration == 3  # nothing aggregated was lost
+        finally:
+            rt.close()
+            oracle.close()
+
+
+def test_rl_cancellation_hook_stops_within_one_env_step(monkeypatch):
+    """The env wrapper installed in actor processes checks the flag before every env.step."""
+    from apga.oracle import rl
+    from apga.runtime import ray_worker
+    monkeypatch.setattr(rl, "make_env", rl.make_env)  # restored after the test
+    assert ray_worker.install_step_check()
+    cfg = config()
+    oracle = build_oracle(cfg)
+    try:
+        calls = []
+
+        def check():
+            calls.append(1)
+            return len(calls) > 5
+
+        monkeypatch.setattr(ray_worker, "_STEP_CHECK", check)
+        with pytest.raises(ray_worker.Cancelled):
+            oracle.gradients(oracle.initial_point(), [(0, 0)])
+        assert len(calls) == 6  # five steps taken, the sixth refused
+    finally:
+        oracle.close()
+
+
+# ============================================================================== two nodes
+def test_two_node_cluster_on_loopback(monkeypatch):
+    """ray.cluster_utils.Cluster with a head and a worker node (both 127.0.0.1): the runtime joins
+    it through runtime.address, places one worker actor on each node, and AllReduces across them."""
+    from ray.cluster_utils import Cluster
+    tmp = tempfile.mkdtemp(prefix="apga-cluster-")
+    OUR_TEMP_DIRS.append(tmp)
+    monkeypatch.setenv("RAY_TMPDIR", tmp)  # Cluster writes <tmp>/ray/ray_current_cluster
+    os.makedirs(os.path.join(tmp, "ray"))
+    cluster = None
+    rt = oracle = None
+    try:
+        with ray_session._loopback_node_ip():
+            cluster = Cluster(initialize_head=True, head_node_args={
+                "num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False, "temp_dir": tmp})
+            cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1", temp_dir=tmp)
+            cluster.wait_for_nodes()
+        cfg = config("rennala_nigt", "allreduce", address=cluster.address)
+        oracle = build_oracle(cfg)
+        rt = build_runtime(cfg, oracle)
+        rt.start()
+        nodes = {info["node_id"] for info in rt.worker_info}
+        assert len(nodes) == 2, rt.worker_info
+        assert {n["NodeID"] for n in ray.nodes() if n["Alive"]} == nodes
+        for _ in range(2):
+            ev = rt.step()
+            assert sum(ev.counts) == M
+        assert rt.resyncs == 0
+        assert ray_session.non_loopback_sockets() == []
+    finally:
+        if rt is not None:
+            rt.close()  # disconnects the driver; the cluster is not ours to stop
+        if oracle is not None:
+            oracle.close()
+        if ray.is_initialized():
+            ray.shutdown()
+        if cluster is not None:
+            cluster.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_nothing_left_running():
+    """After the sessions above: no Ray process, no temp dir, no token in $HOME."""
+    deadline = time.monotonic() + 30
+    while ray_processes() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ray_processes() == []
+    assert not ray.is_initialized()
+    if not HOME_RAY_BEFORE:
+        assert not os.path.exists(HOME_RAY)
+    assert OUR_TEMP_DIRS and not [d for d in OUR_TEMP_DIRS if os.path.exists(d)]
