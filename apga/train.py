@@ -50,20 +50,17 @@ STALL_FIRST = 10
 def build_oracle(cfg: Config):
     """The gradient oracle of cfg.env; bad env settings raise ConfigError (before any write)."""
     if cfg.env.id == "synthetic":
-        from apga.oracle.synthetic import OPTIONS, SyntheticOracle
-        kwargs = cfg.env.kwargs
-        for key, value in kwargs.items():
-            if key not in OPTIONS:
-                raise ConfigError(f"env.kwargs: unknown synthetic option {key!r}"
-                                  f"{cfgmod._did_you_mean(str(key), OPTIONS)}; known: {', '.join(OPTIONS)}")
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ConfigError(f"env.kwargs.{key}: expected a number, got {value!r}")
-        return SyntheticOracle.from_kwargs(cfg.workers.n, cfg.seed, kwargs)
+        from apga.oracle.synthetic import SyntheticOracle
+        return SyntheticOracle.from_kwargs(cfg.workers.n, cfg.seed, cfg.env.kwargs)
     try:
         from apga.oracle.rl import RLOracle
     except ModuleNotFoundError as exc:
         raise ApgaError(f"env.id {cfg.env.id!r}: the Gymnasium oracle cannot be loaded (missing module "
                         f"{exc.name!r}); reinstall apga, or use env.id: synthetic") from None
+    if cfg.runtime.name == "sim" and cfg.runtime.processes != 1:
+        # Rollouts on every core (0 = one process per core); bit-identical to one process.
+        from apga.oracle.parallel import make_oracle
+        return make_oracle(cfg.env, cfg.policy, cfg.workers.n, cfg.seed, cfg.runtime.processes)
     return RLOracle(cfg.env, cfg.policy, cfg.workers.n, cfg.seed)
 
 
@@ -71,15 +68,6 @@ def build_times(cfg: Config, oracle):
     """The simulator's time model (also used by Ray for delays); bad time specs raise ConfigError."""
     from apga.runtime.timing import TimeModel
     w = cfg.workers
-    spec = w.compute_time
-    if isinstance(spec, dict) and isinstance(spec.get("schedule"), list):
-        # timing.py accepts a NaN (never reached) or boolean `until`; refuse them here
-        for k, seg in enumerate(spec["schedule"]):
-            until = seg.get("until") if isinstance(seg, dict) else None
-            if until is not None and (isinstance(until, bool) or not isinstance(until, (int, float))
-                                      or not math.isfinite(until)):
-                raise ConfigError(f"workers.compute_time.schedule[{k}].until: expected a finite number of "
-                                  f"seconds, got {until!r}")
     return TimeModel(w.compute_time, w.comm_time, w.allreduce_time, w.n, oracle.dim, cfg.seed)
 
 

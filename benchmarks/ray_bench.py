@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import time
 
@@ -48,11 +49,23 @@ def run(cfg, rounds: int, warmup: int = 1):
     oracle = build_oracle(cfg)
     rt = build_runtime(cfg, oracle)
     try:
+        seen_jobs = []  # simulator: the jobs each round consumed (from its one oracle call per round)
+        if not hasattr(rt, "start"):
+            gradients = oracle.gradients
+
+            def recording(point, jobs):
+                c = [0] * cfg.workers.n
+                for w, _ in jobs:
+                    c[w] += 1
+                seen_jobs.append(c)
+                return gradients(point, jobs)
+
+            oracle.gradients = recording
         t0 = time.perf_counter()
         if hasattr(rt, "start"):
             rt.start()
         startup = time.perf_counter() - t0
-        durations, steps, counts = [], 0, []
+        durations, steps, counts, to_stop, reduce = [], 0, [], [], []
         wall = 0.0
         for k in range(rounds):
             before = rt.clock
@@ -63,9 +76,12 @@ def run(cfg, rounds: int, warmup: int = 1):
                 wall += time.perf_counter() - w0
                 steps += rt.totals.env_steps - env0
             durations.append(ev.time - before)
-            counts.append(list(getattr(ev, "counts", [])))
+            to_stop.append(ev.stop - before)  # round start .. the stop was detected
+            reduce.append(ev.time - ev.stop)  # the stop .. the update (halt, uploads, step)
+            counts.append(list(getattr(ev, "counts", None) or seen_jobs[-1]))
         return {"durations": durations, "wall": wall, "env_steps": steps, "startup": startup,
-                "computed": rt.totals.trajectories_computed, "used": rt.totals.trajectories, "counts": counts}
+                "computed": rt.totals.trajectories_computed, "used": rt.totals.trajectories, "counts": counts,
+                "to_stop": to_stop, "reduce": reduce}
     finally:
         rt.close()
         oracle.close()
@@ -108,6 +124,18 @@ def main() -> None:
     print(f" ratio: first round {ratios[0]:.3f} (includes nothing of the actor start-up: "
           f"{timed['startup']:.1f} s), median of the others {statistics.median(tail):.3f}, "
           f"max {max(tail):.3f}; mean overhead {statistics.mean(m - q for m, q in zip(timed['durations'][1:], sim['durations'][1:])) * 1000:.0f} ms/round")
+
+    lag = statistics.mean(a - q for a, q in zip(timed["to_stop"][1:], sim["durations"][1:]))
+    red = statistics.mean(timed["reduce"][1:])
+    print(f" overhead split: stop detected {lag * 1000:.0f} ms after the predicted stop; "
+          f"stop -> update (halt, uploads/AllReduce, NIGT step) {red * 1000:.0f} ms")
+    same = sum(c == s for c, s in zip(timed["counts"], sim["counts"]))
+    print(f" rounds whose per-worker counts equal the simulator's: {same}/{len(sim['counts'])}")
+    try:
+        load = os.getloadavg()
+        print(f" machine: {os.cpu_count()} cores, load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}")
+    except OSError:
+        pass
 
     ray_sps = raw["env_steps"] / raw["wall"]
     sim_sps = sim_raw["env_steps"] / sim_raw["wall"]

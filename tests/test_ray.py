@@ -174,36 +174,34 @@ class TestLocal:
         assert sum(rt.next_job) >= 6
 
     def test_cancellation_is_immediate_and_discarding_waits(self):
-        """Worker 1 is 20x slower (injected): with cancel its trajectory in flight is abandoned at
-        the stop; with cancel: false it finishes, is discarded, and delays worker 1's next round."""
-        times = [0.05, 1.0]
-        for cancel in (True, False):
-            cfg = config("rennala_nigt", "server", env="synthetic", compute_time=times, inject_delays=True,
-                         cancel=cancel)
-            oracle = build_oracle(cfg)
-            rt = build_runtime(cfg, oracle)
-            try:
-                rt.start()
-                durations = []
-                for _ in range(3):
-                    ev = rt.step()
-                    durations.append(ev.time - ev.round_start)
-                    assert ev.counts == [M, 0]
-                assert max(durations) < 0.8  # never waits for worker 1's 1 s trajectory
-                # Worker 0 may already have started its next job when the stop reaches it.
-                assert 3 * M <= rt.next_job[0] <= 3 * (M + 1)
-                if cancel:
+        """Worker 1 is 20x slower (injected). With cancel, its trajectory in flight is abandoned at
+        each stop; with cancel: false (switched on the same runtime) it finishes, is discarded,
+        and keeps worker 1 busy across rounds."""
+        cfg = config("rennala_nigt", "server", env="synthetic", compute_time=[0.05, 1.0], inject_delays=True)
+        oracle = build_oracle(cfg)
+        rt = build_runtime(cfg, oracle)
+        try:
+            rt.start()
+            durations = []
+            for k in range(6):
+                rt.cancel = k < 3
+                ev = rt.step()
+                durations.append(ev.time - ev.round_start)
+                assert ev.counts == [M, 0]
+                if k == 2:
                     assert rt.totals.trajectories_computed == 3 * M  # cancelled jobs never complete
-                    assert rt.next_job[1] == 3  # worker 1 starts one job per round, cancelled
-                else:
-                    assert rt.next_job[1] == 1  # its job 0 is still running: no new start
-                    time.sleep(1.1)
-                    rt.step()  # the discarded trajectory is reported as computed, never used
-                    assert rt.totals.trajectories == 4 * M and rt.next_job[1] == 2
-                    assert 4 * M + 1 <= rt.totals.trajectories_computed <= rt.next_job[0] + 1
-            finally:
-                rt.close()
-                oracle.close()
+                    assert rt.next_job[1] == 3  # worker 1 started one job per round, all cancelled
+                    # Worker 0 may already have started its next job when the stop reaches it.
+                    assert 3 * M <= rt.next_job[0] <= 3 * (M + 1)
+            assert max(durations) < 0.8  # never waits for worker 1's 1 s trajectory
+            assert rt.next_job[1] == 4  # job 3 still running: worker 1 started nothing since
+            time.sleep(1.1)
+            rt.step()  # job 3 finished meanwhile: reported as computed, never used
+            assert rt.totals.trajectories == 7 * M and rt.next_job[1] == 5
+            assert 7 * M + 1 <= rt.totals.trajectories_computed <= rt.next_job[0] + 1
+        finally:
+            rt.close()
+            oracle.close()
 
     def test_rennala_survives_a_killed_worker(self):
         """SIGKILL worker 1 mid-round: the round goes on with worker 0, worker 1 restarts and rejoins."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import pickle
 import random
-import shutil
 import signal
 import subprocess
 import sys

@@ -167,10 +167,46 @@ def draw_noise(spec: PolicySpec, rng: np.random.Generator, steps: int) -> np.nda
 
 
 # ----------------------------------------------------------------------------- numpy forward
-def _head_np(spec: PolicySpec, params: np.ndarray, obs: np.ndarray) -> np.ndarray:
-    """Last-layer outputs, shape (B, out); each row is computed independently of the others."""
+class RowParams:
+    """One parameter vector PER ROW of a batch (e.g. AFedPG jobs handed out at different points).
+
+    Holds each layer stacked over the rows, ``W`` (B, in, out) and ``b`` (B, 1, out), so that the
+    numpy forward runs ``(B, 1, K) @ (B, K, N)``: the same vector-matrix product per row as the
+    shared-parameter ``(B, 1, K) @ (K, N)``, hence bit-identical row results (checked by
+    tests/test_policies.py). Pass it wherever the numpy forwards take ``params``.
+    """
+
+    def __init__(self, layers: list):
+        self.layers = layers
+
+    @staticmethod
+    def stack(spec: PolicySpec, points) -> "RowParams":
+        points = np.asarray(points, dtype=np.float64)
+        if points.ndim != 2 or points.shape[1] != spec.dim:
+            raise ValueError(f"points have shape {points.shape}, expected (B, {spec.dim})")
+        n = points.shape[0]
+        layers = []
+        for wb, bb in zip(spec.blocks[0::2], spec.blocks[1::2]):
+            w = np.ascontiguousarray(points[:, wb.offset : wb.offset + wb.size].reshape((n,) + wb.shape))
+            b = np.ascontiguousarray(points[:, bb.offset : bb.offset + bb.size].reshape(n, 1, bb.size))
+            layers.append((w, b))
+        return RowParams(layers)
+
+    def take(self, rows) -> "RowParams":
+        """The parameters of ``rows`` (an index array), as a new contiguous RowParams."""
+        return RowParams([(w[rows], b[rows]) for w, b in self.layers])
+
+    def __len__(self) -> int:
+        return self.layers[0][0].shape[0]
+
+
+def _head_np(spec: PolicySpec, params, obs: np.ndarray) -> np.ndarray:
+    """Last-layer outputs, shape (B, out); each row is computed independently of the others.
+
+    ``params``: a flat vector shared by all rows, or a :class:`RowParams` with one per row.
+    """
     x = np.asarray(obs, dtype=np.float64)[:, None, :]  # (B, 1, K): one vector-matrix product per row
-    layers = unpack(spec, params)
+    layers = params.layers if isinstance(params, RowParams) else unpack(spec, params)
     for layer, (w, b) in enumerate(layers):
         x = x @ w
         x += b

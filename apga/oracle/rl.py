@@ -18,6 +18,17 @@ and every chunk is one batched rollout followed by one torch forward+backward pe
 chunk. The chunking depends only on the jobs and the config, never on processes, so a parallel
 runtime can map :meth:`RLOracle.run_chunk` over the chunks of :meth:`RLOracle.plan` and combine
 them with :meth:`RLOracle.combine` to get the same result.
+
+Several (point, chunk) tasks can run together (:meth:`RLOracle.run_tasks`, used by
+:meth:`RLOracle.gradients_many`, e.g. for AFedPG's in-flight jobs, each at its own point): the
+trajectories of tasks that share an env_key are rolled out in one batch, every trajectory with
+its own parameter vector (:class:`apga.oracle.policies.RowParams`), and each task's gradients are
+then computed from its own rows exactly as :meth:`RLOracle.run_chunk` would, so every task's
+result is bit-identical to running it alone.
+
+Stepping: MuJoCo v5 Hopper / Walker2d / HalfCheetah / Reacher envs are stepped by
+:mod:`apga.oracle.fast_mujoco` (direct ``mj_step`` + vectorised observations and rewards,
+bit-identical to ``env.step``); every other env goes through ``env.step``.
 """
 from __future__ import annotations
 
@@ -30,7 +41,7 @@ import torch
 from apga import rng
 from apga.config import EnvConfig, PolicyConfig
 from apga.errors import ConfigError
-from apga.oracle import policies
+from apga.oracle import fast_mujoco, policies
 from apga.oracle.base import Job, Oracle, WorkerBatch
 from apga.oracle.envs import env_key, make_env, worker_settings
 
@@ -97,6 +108,9 @@ class RLOracle(Oracle):
         self.spec = policies.make_spec(obs_space, act_space, policy.hidden, policy.init_std)
         self.dim = self.spec.dim
         self._gamma_pow = self.gamma ** np.arange(self.horizon, dtype=np.float64)
+        # Exact fast stepping of MuJoCo v5 locomotion envs (apga.oracle.fast_mujoco); False (or
+        # APGA_NO_FAST_STEP=1) forces env.step. Results are identical either way.
+        self.fast_step = True
 
     # ------------------------------------------------------------------ Oracle API
     def initial_point(self) -> np.ndarray:
@@ -105,6 +119,33 @@ class RLOracle(Oracle):
     def gradients(self, point: np.ndarray, jobs: Sequence[Job]) -> dict[int, WorkerBatch]:
         point = self._check_point(point)
         return self.combine(jobs, [self.run_chunk(point, chunk) for chunk in self.plan(jobs)])
+
+    def gradients_many(
+        self, requests: Sequence[tuple[np.ndarray, Sequence[Job]]]
+    ) -> list[dict[int, WorkerBatch]]:
+        """Several (point, jobs) requests; each result is bit-identical to ``gradients(point, jobs)``.
+
+        All chunks of all requests run through :meth:`run_tasks`, so the trajectories of
+        different requests (different points) are rolled out together.
+        """
+        tasks, owner = self.plan_many(requests)
+        return self.combine_many(requests, owner, self.run_tasks(tasks))
+
+    def plan_many(self, requests) -> tuple[list[tuple[np.ndarray, list[Job]]], list[int]]:
+        """(tasks, owner): the (point, chunk) tasks of all requests and the request of each task."""
+        tasks, owner = [], []
+        for r, (point, jobs) in enumerate(requests):
+            point = self._check_point(point)
+            for chunk in self.plan(jobs):
+                tasks.append((point, chunk))
+                owner.append(r)
+        return tasks, owner
+
+    def combine_many(self, requests, owner: Sequence[int], results: Sequence[dict]) -> list[dict[int, WorkerBatch]]:
+        per_request: list[list] = [[] for _ in requests]
+        for r, res in zip(owner, results):
+            per_request[r].append(res)
+        return [self.combine(jobs, per_request[r]) for r, (_, jobs) in enumerate(requests)]
 
     def evaluate(self, point: np.ndarray, episodes: int, key: int, deterministic: bool = True) -> float:
         """Mean undiscounted return (episodes cut at the horizon), averaged over the workers.
@@ -115,21 +156,34 @@ class RLOracle(Oracle):
         settings evaluate the average task. ``deterministic``: act with squash(mu) / argmax.
         """
         point = self._check_point(point)
+        tasks = self.eval_plan(episodes)
+        return self.eval_combine(tasks, [self.eval_task(point, t, key, deterministic) for t in tasks])
+
+    def eval_plan(self, episodes: int, batch: int | None = None) -> list[tuple[int, int, int]]:
+        """Evaluation tasks (representative worker, first episode, end episode), in batches of
+        ``batch`` (default rollout_batch) episodes. Each episode's return does not depend on its
+        batch, and :meth:`eval_combine` concatenates in episode order, so any ``batch`` gives the
+        same evaluation."""
         if episodes < 1:
             raise ValueError(f"episodes must be >= 1, got {episodes}")
+        batch = self.rollout_batch if batch is None else max(1, int(batch))
+        return [(w, s, min(s + batch, episodes)) for w in self._rep.values() for s in range(0, episodes, batch)]
+
+    def eval_task(self, point: np.ndarray, task: tuple[int, int, int], key: int, deterministic: bool) -> np.ndarray:
+        """Undiscounted returns of one evaluation task's finite episodes, in episode order."""
+        w, start, end = task
+        streams = [rng.stream(self.seed, rng.EVALUATION, w, key * EVAL_JOB_STRIDE + e) for e in range(start, end)]
+        ro = self._rollout(point, self.keys[w], streams, store=False, greedy=deterministic)
+        return ro.rewards.sum(axis=1)[~ro.bad]  # non-finite episodes are left out
+
+    def eval_combine(self, tasks, totals) -> float:
+        per_key: dict[tuple, list] = {}
+        for (w, _, _), t in zip(tasks, totals):
+            per_key.setdefault(self.keys[w], []).append(t)
         mean_of_key = {}
-        for k, w in self._rep.items():
-            totals = []
-            eps = list(range(episodes))
-            for start in range(0, episodes, self.rollout_batch):
-                streams = [
-                    rng.stream(self.seed, rng.EVALUATION, w, key * EVAL_JOB_STRIDE + e)
-                    for e in eps[start : start + self.rollout_batch]
-                ]
-                ro = self._rollout(point, k, streams, store=False, greedy=deterministic)
-                totals.append(ro.rewards.sum(axis=1)[~ro.bad])  # non-finite episodes are left out
-            totals = np.concatenate(totals)
-            mean_of_key[k] = float(totals.mean()) if totals.size else float("nan")
+        for k, parts in per_key.items():
+            allt = np.concatenate(parts)
+            mean_of_key[k] = float(allt.mean()) if allt.size else float("nan")
         return float(np.mean([mean_of_key[k] for k in self.keys]))
 
     def close(self) -> None:
@@ -159,16 +213,58 @@ class RLOracle(Oracle):
 
     def run_chunk(self, point: np.ndarray, chunk: Sequence[Job]) -> dict[int, WorkerBatch]:
         """Roll out one chunk (jobs sharing an env_key) and return each worker's partial sums."""
-        streams = [rng.stream(self.seed, rng.TRAJECTORY, w, j) for w, j in chunk]
-        ro = self._rollout(point, self.keys[chunk[0][0]], streams, store=True, greedy=False)
-        theta = torch.from_numpy(np.array(point, dtype=np.float64)).requires_grad_(True)
-        workers = np.array([w for w, _ in chunk])
+        return self.run_tasks([(point, chunk)])[0]
+
+    def run_tasks(self, tasks: Sequence[tuple[np.ndarray, Sequence[Job]]]) -> list[dict[int, WorkerBatch]]:
+        """``[run_chunk(point, chunk) for point, chunk in tasks]``, bit for bit, but with the
+        trajectories of consecutive tasks that share an env_key rolled out together (each with
+        its own point) in batches of up to max(rollout_batch, chunk length) trajectories."""
+        results: list = [None] * len(tasks)
+        groups: dict[tuple, list[int]] = {}
+        for i, (_, chunk) in enumerate(tasks):
+            if not chunk:
+                raise ValueError("run_tasks: empty chunk")
+            groups.setdefault(self.keys[chunk[0][0]], []).append(i)
+        for key, idx in groups.items():
+            pack: list[int] = []
+            size = 0
+            for i in idx + [None]:
+                n = len(tasks[i][1]) if i is not None else 0
+                if pack and (i is None or size + n > max(self.rollout_batch, len(tasks[pack[0]][1]))):
+                    self._run_pack(key, [tasks[p] for p in pack], pack, results)
+                    pack, size = [], 0
+                if i is not None:
+                    pack.append(i)
+                    size += n
+        return results
+
+    def _run_pack(self, key, pack_tasks, positions, results) -> None:
+        """One rollout for the tasks of ``pack_tasks`` (same env_key); fills results[positions]."""
+        points = [self._check_point(p) for p, _ in pack_tasks]
+        jobs = [jb for _, chunk in pack_tasks for jb in chunk]
+        streams = [rng.stream(self.seed, rng.TRAJECTORY, w, j) for w, j in jobs]
+        if len(pack_tasks) == 1:
+            params = points[0]
+        else:
+            params = policies.RowParams.stack(self.spec, np.repeat(np.stack(points), [len(c) for _, c in pack_tasks], axis=0))
+        ro = self._rollout(params, key, streams, store=True, greedy=False)
         valid = np.arange(self.horizon)[None, :] < ro.lengths[:, None]  # (B, H)
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is caught below: rejected
             weights = self._weights(ro.rewards)
             returns_all = ro.rewards.sum(axis=1)  # undiscounted
+        start = 0
+        for pos, point, (_, chunk) in zip(positions, points, pack_tasks):
+            rows = np.arange(start, start + len(chunk))
+            start += len(chunk)
+            results[pos] = self._chunk_result(point, chunk, ro, rows, valid, weights, returns_all)
+
+    def _chunk_result(self, point, chunk, ro: "Rollout", rows, valid, weights, returns_all) -> dict[int, WorkerBatch]:
+        """Per-worker partial sums of one chunk whose trajectories are rows ``rows`` of ``ro``."""
+        theta = torch.from_numpy(np.array(point, dtype=np.float64)).requires_grad_(True)
+        workers = np.full(len(ro.lengths), -1)
+        workers[rows] = [w for w, _ in chunk]
         result = {}
-        for w in dict.fromkeys(workers.tolist()):  # workers in order of first appearance
+        for w in dict.fromkeys(workers[rows].tolist()):  # workers in order of first appearance
             mine = workers == w
             good = np.flatnonzero(mine & ~ro.bad)
             rejected = int(np.count_nonzero(mine & ro.bad))
@@ -226,10 +322,11 @@ class RLOracle(Oracle):
         (g,) = torch.autograd.grad(loss, theta)
         return g.numpy().copy()
 
-    def _rollout(self, point: np.ndarray, key: tuple, streams: list, store: bool, greedy: bool) -> Rollout:
+    def _rollout(self, params, key: tuple, streams: list, store: bool, greedy: bool) -> Rollout:
         """Batched rollout: one env per trajectory, one numpy policy forward per step for the live ones.
 
         Trajectory b uses only ``streams[b]``: first its reset seed, then its noise for all H steps.
+        ``params``: the point shared by all trajectories, or a RowParams with one point per trajectory.
         """
         spec, H, B = self.spec, self.horizon, len(streams)
         envs = self._env_slots(key, B)
@@ -249,24 +346,34 @@ class RLOracle(Oracle):
         bad = ~np.isfinite(obs).all(axis=1)
         alive = np.flatnonzero(~bad)
         discrete = spec.kind == "categorical"
+        fast = fast_mujoco.make_stepper(envs[:B], H) if self.fast_step else None
+        per_row = isinstance(params, policies.RowParams)
+        live_params, live_rows = params, None
         for t in range(H):
             if alive.size == 0:
                 break
+            if per_row and (live_rows is None or not np.array_equal(live_rows, alive)):
+                live_rows = alive  # gather the live rows' parameters only when the live set changes
+                live_params = params if alive.size == B else params.take(alive)
             o = obs[alive]
             if greedy:
-                actions = policies.greedy_action(spec, point, o)
+                actions = policies.greedy_action(spec, live_params, o)
             else:
-                stored, actions = policies.sample(spec, point, o, noise[alive, t])
+                stored, actions = policies.sample(spec, live_params, o, noise[alive, t])
             if store:
                 obs_buf[alive, t] = o
                 samp_buf[alive, t] = stored
-            actions = actions.tolist() if discrete else list(actions)
-            r = np.empty(alive.size)
-            done = np.zeros(alive.size, dtype=bool)
-            for k, b in enumerate(alive.tolist()):
-                o2, r[k], term, trunc, _ = envs[b].step(actions[k])
-                obs[b] = o2
-                done[k] = term or trunc
+            if fast is not None:
+                o2, r, done = fast.step(alive.tolist(), actions)
+                obs[alive] = o2
+            else:
+                actions = actions.tolist() if discrete else list(actions)
+                r = np.empty(alive.size)
+                done = np.zeros(alive.size, dtype=bool)
+                for k, b in enumerate(alive.tolist()):
+                    o2, r[k], term, trunc, _ = envs[b].step(actions[k])
+                    obs[b] = o2
+                    done[k] = term or trunc
             rewards[alive, t] = r
             lengths[alive] = t + 1
             broken = ~(np.isfinite(r) & np.isfinite(obs[alive]).all(axis=1))

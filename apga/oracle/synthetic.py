@@ -10,6 +10,7 @@ Used by the tests and theory checks; it plugs into every runtime exactly like th
 """
 from __future__ import annotations
 
+import difflib
 from typing import Sequence
 
 import numpy as np
@@ -24,6 +25,10 @@ OPTIONS = {"dim": 10, "noise": 1.0, "shift": 0.0, "init_scale": 2.0, "nan_prob":
 class SyntheticOracle(Oracle):
     def __init__(self, n_workers: int, seed: int, dim: int = 10, noise: float = 1.0, shift: float = 0.0,
                  init_scale: float = 2.0, nan_prob: float = 0.0):
+        for key, value in (("dim", dim), ("noise", noise), ("shift", shift), ("init_scale", init_scale),
+                           ("nan_prob", nan_prob)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"env.kwargs.{key}: expected a number, got {value!r}")
         if int(dim) != dim or dim < 1:
             raise ConfigError(f"env.kwargs.dim: the synthetic problem needs an integer dim >= 1, got {dim!r}")
         for key, value in (("noise", noise), ("shift", shift), ("init_scale", init_scale)):
@@ -38,9 +43,11 @@ class SyntheticOracle(Oracle):
 
     @classmethod
     def from_kwargs(cls, n_workers: int, seed: int, kwargs: dict) -> "SyntheticOracle":
-        unknown = set(kwargs) - set(OPTIONS)
-        if unknown:
-            raise ConfigError(f"env.kwargs: unknown synthetic option(s) {sorted(unknown)}; known: {sorted(OPTIONS)}")
+        for key in kwargs:
+            if key not in OPTIONS:
+                close = difflib.get_close_matches(str(key), list(OPTIONS), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(f"env.kwargs: unknown synthetic option {key!r}{hint}; known: {', '.join(OPTIONS)}")
         return cls(n_workers, seed, **{**OPTIONS, **kwargs})
 
     def initial_point(self) -> np.ndarray:

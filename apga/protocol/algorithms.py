@@ -73,7 +73,11 @@ class RoundAlgorithm:
         return self.STOP[self.rule](counts, self.round_batch())
 
     def finish_round(self, batches: Mapping[int, WorkerBatch]) -> Update:
-        """Aggregate the round's per-worker sums (all computed at round_point()) and step."""
+        """Aggregate the round's per-worker sums (all computed at round_point()) and step.
+
+        Workers whose every gradient was rejected as non-finite are left out of the average
+        (Malenia then averages over the remaining workers); if none is left, nothing moves.
+        """
         live = [b for b in batches.values() if b.count > 0]
         if not live:
             update = _reject(list(batches.values()))

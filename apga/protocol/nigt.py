@@ -37,13 +37,16 @@ def extrapolated_point(state: NIGTState, eta: float) -> np.ndarray:
 def nigt_step(state: NIGTState, g: np.ndarray, alpha: float, eta: float) -> tuple[NIGTState, bool]:
     """One NIGT update with gradient estimate ``g``. Returns (new state, stepped).
 
-    The first gradient initialises d_0 = g. A zero momentum norm leaves theta unchanged
-    (the step is skipped, stepped = False) but the momentum is still updated.
-    The caller has already rejected non-finite ``g``.
+    The first gradient initialises d_0 = g. A zero momentum leaves theta unchanged (the step is
+    skipped, stepped = False) but the momentum is still updated; a non-finite momentum (the caller
+    rejects non-finite ``g``, but d can still overflow) leaves the whole state unchanged.
     """
     d = g.copy() if state.d is None else (1.0 - eta) * state.d + eta * g
-    norm = float(np.linalg.norm(d))
-    if norm == 0.0 or not np.isfinite(norm):
+    if not np.all(np.isfinite(d)):
+        return state, False  # keep the old momentum: a non-finite d would stall every later step
+    scale = float(np.max(np.abs(d)))
+    if scale == 0.0:
         return replace(state, d=d), False
-    theta = state.theta + (alpha / norm) * d
+    norm = scale * float(np.linalg.norm(d / scale))  # scaled so huge finite d cannot overflow
+    theta = state.theta + alpha * (d / norm)
     return NIGTState(theta, state.theta, d, state.t + 1), True

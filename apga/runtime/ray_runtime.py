@@ -136,14 +136,14 @@ class RayRuntime:
         self.worker_info: list[dict] = []
 
     def __getstate__(self):
+        """Plain data only (protocol, counters, clock): no Ray handles, no oracle. A custom
+        oracle_factory is dropped (attach restores the default one built from the config)."""
         state = self.__dict__.copy()
-        for key in ("oracle", "times", "_session", "_actors", "_calls", "oracle_factory"):
+        for key in ("oracle", "times", "_session", "_actors"):
             state[key] = None
         state["_calls"] = {}
         if not isinstance(self.oracle_factory, functools.partial):
             state["oracle_factory"] = None
-        else:
-            state["oracle_factory"] = self.oracle_factory
         return state
 
     def start(self) -> None:
@@ -314,7 +314,8 @@ class RayRuntime:
         self._calls = {ref: c for ref, c in self._calls.items() if c[0] == "ready"}
 
         def begin(w: int) -> None:
-            self._call("begin", w, self._actors[w].begin.remote(r, point_arg, self.next_job[w], limits[w], self._origin))
+            self._call("begin", w, self._actors[w].begin.remote(r, point_arg, self.next_job[w], limits[w],
+                                                                self._origin, self.cancel))
             self._call("progress", w, self._actors[w].progress.remote(r, 0, POLL))
             if server:
                 self.totals.vector_comms += 1  # the download of the point

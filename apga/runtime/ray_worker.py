@@ -75,6 +75,21 @@ def install_step_check() -> bool:
     return True
 
 
+def _accepts_should_stop(fn) -> bool:
+    try:
+        return "should_stop" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _rl_has_stop_arg() -> bool:
+    try:
+        from apga.oracle.rl import RLOracle
+    except ImportError:
+        return False
+    return _accepts_should_stop(RLOracle.gradients)
+
+
 def _interface_of(ip: str) -> str | None:
     import psutil
     for name, addrs in psutil.net_if_addrs().items():
@@ -93,14 +108,14 @@ class WorkerActor:
         self.rule, self.alpha, self.eta = spec["rule"], spec["alpha"], spec["eta"]
         self.times, self.inject, self.cancel = spec["times"], spec["inject"], spec["cancel"]
         self.comm = self.times.comm[worker] if self.inject else 0.0
-        self.step_hook = install_step_check()
+        # The RL oracle's own per-step hook if it has one, else the env wrapper (installed before
+        # the oracle builds its environments).
+        self.step_hook = False if _rl_has_stop_arg() else install_step_check()
         self.oracle = spec["oracle_factory"]()
-        try:
-            self.stop_arg = "should_stop" in inspect.signature(self.oracle.gradients).parameters
-        except (TypeError, ValueError):
-            self.stop_arg = False
+        self.stop_arg = _accepts_should_stop(self.oracle.gradients)
         self.cv = threading.Condition()
         self.round = -1  # current round id
+        self.halted = -1  # the last round halted
         self.active = False  # computing for the current round
         self.point: np.ndarray | None = None
         self.point_digest = ""
@@ -137,12 +152,13 @@ class WorkerActor:
         return digest(state.theta) if state is not None else ""
 
     # ------------------------------------------------------------------ rounds
-    def begin(self, r: int, point, first_job: int, limit: int | None, origin: float) -> None:
+    def begin(self, r: int, point, first_job: int, limit: int | None, origin: float, cancel: bool) -> None:
         """Start round ``r`` at ``point`` (None: the extrapolated point of this worker's NIGT copy)
-        with job indices first_job, first_job + 1, ..."""
+        with job indices first_job, first_job + 1, ...; ``cancel``: what its halt does."""
         with self.cv:
             if r <= self.round:
                 return  # stale or repeated
+            self.cancel = cancel
             if self.pending is not None and self.pending[0] == r - 1:
                 self.nigt = self.pending[1]  # the previous round's AllReduce step, now committed
             self.pending = None
@@ -150,7 +166,8 @@ class WorkerActor:
                 point = extrapolated_point(self.nigt, self.eta)
             self.round, self.point, self.point_digest = r, np.asarray(point), digest(point)
             self.results, self.started, self.next_job = [], 0, first_job
-            self.limit, self.origin, self.active = limit, origin, True
+            # A halt of this round may overtake its begin (call threads run concurrently).
+            self.limit, self.origin, self.active = limit, origin, r > self.halted
             self.not_before = time.time() + self.comm
             self.cv.notify_all()
 
@@ -158,7 +175,7 @@ class WorkerActor:
         """Continue round ``r`` after a halt (a reduction failed because another worker died)."""
         with self.cv:
             if self.round == r:
-                self.active = True
+                self.active, self.halted = True, r - 1
                 self.cv.notify_all()
 
     def progress(self, r: int, seen: int, timeout: float) -> dict:
@@ -181,6 +198,7 @@ class WorkerActor:
     def halt(self, r: int) -> dict:
         """Stop computing for round ``r``; cancel (or let finish and discard) the trajectory in flight."""
         with self.cv:
+            self.halted = max(self.halted, r)
             if self.round == r and self.active:
                 self.active = False
                 if self.cancel and self.job_stop is not None:

@@ -184,7 +184,19 @@ class Simulator:
         return Event(arrival, update, arrival, arrival)
 
     def _afedpg_gradient(self, worker: int, job: int, point: np.ndarray) -> WorkerBatch:
-        return self.oracle.gradients(point, [(worker, job)])[worker]
+        """The gradient of job (worker, job) at ``point``, computed in a batch with every other
+        in-flight job not computed yet (each at its own point, all already known), in one
+        ``gradients_many`` call: a batched rollout, spread over the oracle's processes. Each
+        result equals the one-by-one ``gradients(point, [(worker, job)])`` bit for bit; the
+        others wait in ``_afedpg_ready`` (at most one per worker) until their arrival."""
+        ready = self.__dict__.setdefault("_afedpg_ready", {})
+        if (worker, job) not in ready:
+            todo = [(worker, job, point)] + [(w, j, p) for _, w, j, _, p in sorted(self.in_flight, key=lambda e: e[:3])
+                                              if (w, j) not in ready]
+            results = self.oracle.gradients_many([(p, [(w, j)]) for w, j, p in todo])
+            for (w, j, _), res in zip(todo, results):
+                ready[(w, j)] = res[w]
+        return ready.pop((worker, job))
 
     def _count(self, update: Update, computed: int) -> None:
         t = self.totals

@@ -81,7 +81,9 @@ class ComputeTime:
                 if not isinstance(seg, dict) or "times" not in seg or set(seg) - {"until", "times"}:
                     raise ConfigError(f"{key}.schedule[{k}]: expected {{until: SECONDS, times: ...}}")
                 until = seg.get("until", math.inf) if k < len(segs) - 1 else math.inf
-                if not isinstance(until, (int, float)) or until <= last:
+                if isinstance(until, bool) or not isinstance(until, (int, float)) or math.isnan(until):
+                    raise ConfigError(f"{key}.schedule[{k}].until: expected a number of seconds, got {until!r}")
+                if until <= last:
                     raise ConfigError(f"{key}.schedule[{k}].until must increase from segment to segment")
                 last = until
                 self.segments.append((float(until), per_worker_values(seg["times"], n, f"{key}.schedule[{k}].times")))
