@@ -44,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"apga: error: {exc}\n")
         return 2
     except KeyboardInterrupt:
-        sys.stderr.write("apga: interrupted; resume with `apga train --resume DIR`\n")
+        hint = {"train": "; continue with `apga train --resume DIR`",
+                "compare": "; run the same command again to resume"}.get(args.command, "")
+        sys.stderr.write(f"apga: interrupted{hint}\n")
         return 130
 
 

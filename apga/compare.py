@@ -31,6 +31,11 @@ environment id) before anything is written. Runs go to ``OUT/<setting>/<variant>
 laid out exactly as ``apga train`` writes them; a finished run with an unchanged config is
 skipped, an unfinished one is resumed.
 
+Threshold: ``{fraction: F}`` (default F = 0.9) = mean initial eval return + F x (best method's final
+mean - initial), per setting, i.e. F of the best final return when the initial return is ~0 (and
+still meaningful for negative returns); a number or ``{value: X}`` is an absolute return. Time to
+threshold = the first evaluation at or above it; speed-up vs B = B's mean time / the method's.
+
 Outputs in OUT: comparison.png (eval return against simulated time, one panel per setting, mean
 and 20-80 % band over seeds), comparison_trajectories.png and comparison_comms.png (the same
 against trajectories used and vector communications), comparison.csv (every evaluation row),
@@ -141,18 +146,6 @@ def merge_overrides(target: dict, overrides: dict, prefix: str = "") -> dict:
             raise ConfigError(f"{where}: expected a config key such as algorithm.step_size")
         _deep_set(target, key, value, prefix)
     return target
-
-
-def flatten(overrides: dict, prefix: str = "") -> dict:
-    """Nested/dotted overrides as one flat {dotted key: value} mapping."""
-    out = {}
-    for key, value in overrides.items():
-        full = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, dict) and full not in REPLACE_KEYS and value:
-            out.update(flatten(value, full))
-        else:
-            out[full] = value
-    return out
 
 
 def _mapping(value: Any, where: str, allow_none: bool = True) -> dict:
@@ -330,6 +323,8 @@ def load_plan(path: str, out: str, overrides: list | None = None, seeds: int | N
     for name, ov in settings_raw.items():
         sw = f"{where0}: settings.{name}"
         _check_name(name, f"{where0}: settings")
+        if name == "logs":
+            raise _err(f"{where0}: settings", "'logs' is reserved (OUT/logs/ holds the runs' stderr); rename it")
         ov = dict(_mapping(ov, sw))
         thresholds[name] = _parse_threshold(ov.pop("threshold"), f"{sw}.threshold") if "threshold" in ov \
             else default_threshold
@@ -807,14 +802,14 @@ def plot(plan: Plan, results: dict, out: str) -> list:
             grid = np.linspace(0.0, xmax if xmax > 0 else 1.0, GRID_POINTS + 1)
             for v in present:
                 seeds = results[(s, v)]
-                curves = np.stack([step_hold(rows[axis], rows["eval_return"], grid) for _, rows in seeds])
                 end = max(float(rows[axis][-1]) for _, rows in seeds)
-                keep = grid <= end + 1e-12
+                xs = np.union1d(grid[grid < end], [end])  # the method's own end point: its final evaluations
+                curves = np.stack([step_hold(rows[axis], rows["eval_return"], xs) for _, rows in seeds])
                 mean = curves.mean(axis=0)
                 lo, hi = np.percentile(curves, 20, axis=0), np.percentile(curves, 80, axis=0)
-                ax.plot(grid[keep], mean[keep], color=colours[v], lw=1.6, label=f"{v} ({len(seeds)} seeds)")
-                ax.fill_between(grid[keep], lo[keep], hi[keep], color=colours[v], alpha=0.2, lw=0)
-            ax.set_title(s if len(plan.settings) > 1 or s != DEFAULT_SETTING else textwrap.fill(plan.title, 60),
+                ax.plot(xs, mean, color=colours[v], lw=1.6, label=f"{v} ({len(seeds)} seeds)")
+                ax.fill_between(xs, lo, hi, color=colours[v], alpha=0.2, lw=0)
+            ax.set_title(s if len(plan.settings) > 1 or s != DEFAULT_SETTING else textwrap.fill(plan.title, 70),
                          fontsize=10)
             ax.set_xlabel(label)
             ax.set_ylabel("eval return")
@@ -841,7 +836,7 @@ def write_summary_md(plan: Plan, summary: dict, picked: dict | None, path: str, 
          "- **time to threshold**: the first simulated time at which an evaluation reached the threshold, "
          "mean over the seeds that reached it (reached = how many).",
          "- **speed-up vs B**: B's mean time to threshold / this method's; `>x`: B never reached the threshold "
-         "within its budget, so the speed-up is at least x.",
+         "within its budget, so the speed-up is at least x; —: not defined (a method did not reach it).",
          "- **AUC**: the mean eval return over [0, T] (step-wise hold), T = the shortest run of the setting.", "",
          "Figures: [comparison.png](comparison.png) (against time), "
          "[comparison_trajectories.png](comparison_trajectories.png), "
@@ -865,8 +860,12 @@ def write_summary_md(plan: Plan, summary: dict, picked: dict | None, path: str, 
                    f"{tt['reached']}/{tt['n']}"]
             for b in bls:
                 sp = vs["speedup"].get(b, {})
-                row.append(_num(sp["ratio"], ".3g") if sp.get("ratio") is not None
-                           else (f">{sp['bound']:.3g}" if sp.get("bound") is not None else "—"))
+                if sp.get("ratio") is not None:
+                    row.append(_num(sp["ratio"], ".3g"))
+                elif sp.get("bound") is not None and sp["bound"] > 1:  # a bound below 1 says nothing useful
+                    row.append(f">{sp['bound']:.3g}")
+                else:
+                    row.append("—")
             L.append("| " + " | ".join(row) + " |")
         L.append("")
         if picked and s in picked["chosen"]:

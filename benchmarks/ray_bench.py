@@ -121,8 +121,8 @@ def main() -> None:
         ratios.append(meas / pred)
         print(f" {k:5d}  {pred:12.3f}  {meas:11.3f}  {meas / pred:5.3f}  {timed['counts'][k]}")
     tail = ratios[1:] or ratios
-    print(f" ratio: first round {ratios[0]:.3f} (includes nothing of the actor start-up: "
-          f"{timed['startup']:.1f} s), median of the others {statistics.median(tail):.3f}, "
+    print(f" ratio: first round {ratios[0]:.3f} (actor start-up, {timed['startup']:.1f} s, not counted), "
+          f"median of the others {statistics.median(tail):.3f}, "
           f"max {max(tail):.3f}; mean overhead {statistics.mean(m - q for m, q in zip(timed['durations'][1:], sim['durations'][1:])) * 1000:.0f} ms/round")
 
     lag = statistics.mean(a - q for a, q in zip(timed["to_stop"][1:], sim["durations"][1:]))

@@ -338,4 +338,4 @@ def test_nothing_left_running():
     assert not ray.is_initialized()
     if not HOME_RAY_BEFORE:
         assert not os.path.exists(HOME_RAY)
-    assert OUR_TEMP_DIRS and not [d for d in OUR_TEMP_DIRS if os.path.exists(d)]
+    assert not [d for d in OUR_TEMP_DIRS if os.path.exists(d)]

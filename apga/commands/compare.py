@@ -29,7 +29,7 @@ def add_parser(sub) -> None:
                        "`apga train` runs in parallel processes, then plot and summarise them.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="compare config YAML")
-    p.add_argument("--out", required=False, help="output directory (re-use it to skip finished runs)")
+    p.add_argument("--out", metavar="DIR", help="output directory (re-use it to skip finished runs)")
     p.add_argument("--seeds", type=int, metavar="N", help="use seeds 0..N-1 (overrides seeds: of the config)")
     p.add_argument("--jobs", type=int, metavar="J", help=f"parallel processes (default: cores = {os.cpu_count()})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",

@@ -109,6 +109,7 @@ class FastStepper:
         self.nq, self.nv, self.nu = c0.model.nq, c0.model.nv, c0.model.nu
         # dt exactly as the env's property computes it (per env: models may differ per worker)
         self.dt = np.array([c.model.opt.timestep * c.frame_skip for c in cores])
+        self.dt0 = float(self.dt[0]) if np.all(self.dt == self.dt[0]) else None  # the usual case
         if kind == "reacher":
             self.fingertip = c0.model.body("fingertip").id
             self.target = c0.model.body("target").id
@@ -133,28 +134,29 @@ class FastStepper:
         a = np.ascontiguousarray(actions, dtype=np.float64)
         if self.act_sign < 0:
             a = -a  # what the core env receives (ActionSign: -np.asarray(action))
-        qpos = np.empty((k, self.nq))
-        qvel = np.empty((k, self.nv))
+        nq = self.nq
+        state = np.empty((k, nq + self.nv))  # [qpos, qvel] per env = the env's state_vector()
         x_before = np.empty(k)
         models, datas, ctrl, qp, qv = self.models, self.datas, self.ctrl, self.qpos, self.qvel
-        nstep, step = self.frame_skip, mujoco.mj_step
+        nstep, mj_step = self.frame_skip, mujoco.mj_step
         reacher = self.kind == "reacher"
-        xpos = np.empty((k, 3)) if reacher else None
+        vec = np.empty((k, 3)) if reacher else None
         for n, b in enumerate(rows):
             q = qp[b]
             x_before[n] = q[0]
             ctrl[b][:] = a[n]
-            step(models[b], datas[b], nstep=nstep)
-            qpos[n] = q
-            qvel[n] = qv[b]
+            mj_step(models[b], datas[b], nstep=nstep)
+            row = state[n]
+            row[:nq] = q
+            row[nq:] = qv[b]
             if reacher:
                 xp = self.xpos[b]
-                xpos[n] = xp[self.fingertip] - xp[self.target]
-        dt = self.dt[np.asarray(rows, dtype=np.int64)]
+                vec[n] = xp[self.fingertip] - xp[self.target]
         if reacher:
-            obs, reward, term = self._reacher(qpos, qvel, xpos, a)
+            obs, reward, term = self._reacher(state, vec, a)
         else:
-            obs, reward, term = self._locomotion(qpos, qvel, x_before, dt, a)
+            dt = self.dt0 if self.dt0 is not None else self.dt[np.asarray(rows, dtype=np.int64)]
+            obs, reward, term = self._locomotion(state, x_before, dt, a)
         for op in self.obs_ops:
             if op[0] == "neg":
                 obs = -obs
@@ -166,35 +168,43 @@ class FastStepper:
                 obs = out
         return obs, reward, term
 
-    def _locomotion(self, qpos, qvel, x_before, dt, a):
-        kind = self.kind
-        x_velocity = (qpos[:, 0] - x_before) / dt
+    def _locomotion(self, state, x_before, dt, a):
+        kind, nq = self.kind, self.nq
+        x_velocity = (state[:, 0] - x_before) / dt
         forward = self.fw * x_velocity
         ctrl_cost = self.cw * _seq_sum(np.square(a))
-        position = qpos[:, 1:] if self.exclude else qpos
-        velocity = qvel if kind == "half_cheetah" else np.clip(qvel, -10, 10)
-        obs = np.concatenate((position, velocity), axis=1)
         if kind == "half_cheetah":
-            return obs, forward - ctrl_cost, np.zeros(len(qpos), dtype=bool)
-        z, angle = qpos[:, 1], qpos[:, 2]
+            obs = state[:, 1:] if self.exclude else state
+            return obs, forward - ctrl_cost, np.zeros(len(state), dtype=bool)
+        z, angle = state[:, 1], state[:, 2]
         (zmin, zmax), (amin, amax) = self.z_range, self.angle_range
-        healthy = (zmin < z) & (z < zmax) & (amin < angle) & (angle < amax)
-        if kind == "hopper":
+        healthy = (zmin < z) & (z < zmax)
+        healthy &= amin < angle
+        healthy &= angle < amax
+        if kind == "hopper":  # np.all(min < state_vector()[2:] < max)
             smin, smax = self.state_range
-            state = np.concatenate((qpos, qvel), axis=1)[:, 2:]
-            healthy &= np.all((smin < state) & (state < smax), axis=1)
-        reward = (forward + healthy * self.healthy_reward) - ctrl_cost
-        term = ~healthy if self.terminate else np.zeros(len(qpos), dtype=bool)
+            rest = state[:, 2:]
+            healthy &= ((smin < rest) & (rest < smax)).all(axis=1)
+        reward = forward + healthy * self.healthy_reward
+        reward -= ctrl_cost
+        term = ~healthy if self.terminate else np.zeros(len(state), dtype=bool)
+        # velocities clipped to [-10, 10] (np.clip; min(max(.)) is the same for every float)
+        vel = state[:, nq:]
+        np.maximum(vel, -10.0, out=vel)
+        np.minimum(vel, 10.0, out=vel)
+        obs = state[:, 1:] if self.exclude else state
         return obs, reward, term
 
-    def _reacher(self, qpos, qvel, vec, a):
+    def _reacher(self, state, vec, a):
+        nq = self.nq
+        qpos, qvel = state[:, :nq], state[:, nq:]
         theta = qpos[:, :2]
         obs = np.concatenate((np.cos(theta), np.sin(theta), qpos[:, 2:], qvel[:, :2], vec[:, :2]), axis=1)
         # np.linalg.norm of a 1-D float64 vector is sqrt(x.dot(x)): kept per row (a BLAS dot)
         norms = np.array([math.sqrt(v.dot(v)) for v in vec])
         reward_dist = -norms * self.dist_w
         reward_ctrl = -_seq_sum(np.square(a)) * self.ctrl_w
-        return obs, reward_dist + reward_ctrl, np.zeros(len(qpos), dtype=bool)
+        return obs, reward_dist + reward_ctrl, np.zeros(len(state), dtype=bool)
 
 
 _KINDS = {}

@@ -152,6 +152,34 @@ class PoolError(RuntimeError):
     """A rollout process failed or died."""
 
 
+def _start_without_main(proc) -> None:
+    """Start a spawn process without re-running the parent's ``__main__`` in it.
+
+    Spawn normally re-imports the main script in the child (so that objects defined there can
+    be unpickled), which breaks scripts without an ``if __name__ == "__main__"`` guard. Only
+    apga objects ever travel to the rollout processes, so the main module is hidden from
+    multiprocessing while it prepares the child.
+    """
+    import sys
+
+    main = sys.modules.get("__main__")
+    if main is None:
+        proc.start()
+        return
+    missing = object()
+    saved = {k: main.__dict__.get(k, missing) for k in ("__file__", "__spec__")}
+    main.__dict__.pop("__file__", None)
+    main.__dict__["__spec__"] = None
+    try:
+        proc.start()
+    finally:
+        for k, v in saved.items():
+            if v is missing:
+                main.__dict__.pop(k, None)
+            else:
+                main.__dict__[k] = v
+
+
 def _shutdown(procs, conns, shared, lock) -> None:
     """Stop the processes: no new claims, stop message, grace, then terminate / kill."""
     try:
@@ -193,12 +221,13 @@ class ProcessPool:
         self.ready = set()
         self.request = 0
         self.broken: str | None = None
+        self.units_local = self.units_remote = 0  # units computed here / by the children
         try:
             for k in range(children):
                 parent_end, child_end = ctx.Pipe(duplex=True)
                 p = ctx.Process(target=_child_main, args=(child_end, self.lock, self.shared, init_args),
                                 name=f"apga-rollout-{k + 1}", daemon=True)
-                p.start()
+                _start_without_main(p)
                 child_end.close()
                 self.procs.append(p)
                 self.conns.append(parent_end)
@@ -214,6 +243,11 @@ class ProcessPool:
     def close(self) -> None:
         self._finalizer()  # runs _shutdown once
 
+    def wait_ready(self) -> None:
+        """Block until every process has built its oracle (e.g. before timing anything)."""
+        while len(self.ready) < len(self.conns):
+            self._drain(-1, [], [], timeout=None)
+
     def run(self, units: list) -> list:
         """Results of ``units`` (in order), computed by all processes together."""
         if self.broken:
@@ -225,8 +259,11 @@ class ProcessPool:
         with self.lock:
             self.shared[0], self.shared[1], self.shared[2] = request, 0, len(units)
         msg = ("work", request, units)
-        for c in self.conns:
-            c.send(msg)
+        for p, c in zip(self.procs, self.conns):
+            try:
+                c.send(msg)
+            except (BrokenPipeError, OSError):
+                self._dead(p, c)
         results: list = [None] * len(units)
         done = [False] * len(units)
         pending = len(units)
@@ -236,6 +273,7 @@ class ProcessPool:
                 if i is None:
                     break
                 results[i], done[i] = _run_unit(self.local, units[i]), True
+                self.units_local += 1
                 pending -= 1
                 pending -= self._drain(request, results, done, timeout=0.0)
             while pending:
@@ -254,18 +292,28 @@ class ProcessPool:
         for obj in wait(self.conns + list(sentinels), timeout):
             if obj in sentinels:
                 p = sentinels[obj]
-                # a message may still be waiting in its pipe: read those first, then fail
-                conn = self.conns[self.procs.index(p)]
-                while conn.poll():
-                    got += self._handle(conn.recv(), request, results, done)
-                self.broken = f"rollout process {p.name} (pid {p.pid}) exited with code {p.exitcode}"
-                raise PoolError(self.broken)
+                self._dead(p, self.conns[self.procs.index(p)])
             try:
                 msg = obj.recv()
             except (EOFError, OSError):
                 continue  # the sentinel will report the exit
+            if msg[0] == "ready":
+                self.ready.add(self.conns.index(obj))
             got += self._handle(msg, request, results, done)
         return got
+
+    def _dead(self, p, conn) -> None:
+        """A child is gone: report its own error message if it sent one, else its exit."""
+        try:
+            while conn.poll():
+                msg = conn.recv()
+                if msg[0] in ("init_error", "error"):
+                    self._handle(msg, msg[1] if msg[0] == "error" else self.request, [], [])
+        except (EOFError, OSError):
+            pass
+        p.join(1.0)
+        self.broken = f"rollout process {p.name} (pid {p.pid}) exited unexpectedly (exit code {p.exitcode})"
+        raise PoolError(self.broken)
 
     def _handle(self, msg, request: int, results: list, done: list) -> int:
         kind = msg[0]
@@ -282,6 +330,7 @@ class ProcessPool:
         if done[i]:
             return 0
         results[i], done[i] = payload, True
+        self.units_remote += 1
         return 1
 
 
@@ -335,6 +384,11 @@ class ParallelOracle(Oracle):
         groups = group_units([e - s for _, s, e in tasks], self.processes, local.rollout_batch)
         out = self.pool.run([("eval", point, [tasks[i] for i in g], key, deterministic) for g in groups])
         return local.eval_combine(tasks, [t for unit in out for t in unit])
+
+    def wait_ready(self) -> None:
+        """Block until the rollout processes are up (they start in the background)."""
+        if self.pool is not None:
+            self.pool.wait_ready()
 
     def close(self) -> None:
         try:

@@ -167,6 +167,15 @@ def draw_noise(spec: PolicySpec, rng: np.random.Generator, steps: int) -> np.nda
 
 
 # ----------------------------------------------------------------------------- numpy forward
+class Prepared:
+    """A flat parameter vector unpacked once into its layer views, for the many forwards of a
+    rollout (unpacking costs more than a small layer's product). Numerically the same as
+    passing the flat vector."""
+
+    def __init__(self, spec: PolicySpec, params):
+        self.layers = unpack(spec, np.asarray(params, dtype=np.float64))
+
+
 class RowParams:
     """One parameter vector PER ROW of a batch (e.g. AFedPG jobs handed out at different points).
 
@@ -203,10 +212,11 @@ class RowParams:
 def _head_np(spec: PolicySpec, params, obs: np.ndarray) -> np.ndarray:
     """Last-layer outputs, shape (B, out); each row is computed independently of the others.
 
-    ``params``: a flat vector shared by all rows, or a :class:`RowParams` with one per row.
+    ``params``: a flat vector shared by all rows (or its :class:`Prepared` form), or a
+    :class:`RowParams` with one per row.
     """
     x = np.asarray(obs, dtype=np.float64)[:, None, :]  # (B, 1, K): one vector-matrix product per row
-    layers = params.layers if isinstance(params, RowParams) else unpack(spec, params)
+    layers = params.layers if isinstance(params, (RowParams, Prepared)) else unpack(spec, params)
     for layer, (w, b) in enumerate(layers):
         x = x @ w
         x += b

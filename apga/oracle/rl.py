@@ -348,6 +348,8 @@ class RLOracle(Oracle):
         discrete = spec.kind == "categorical"
         fast = fast_mujoco.make_stepper(envs[:B], H) if self.fast_step else None
         per_row = isinstance(params, policies.RowParams)
+        if not per_row:
+            params = policies.Prepared(spec, params)
         live_params, live_rows = params, None
         for t in range(H):
             if alive.size == 0:

@@ -43,6 +43,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import ray  # noqa: F401  (missing Ray fails here: build_runtime turns that into a ConfigError)
 
 from apga.errors import ApgaError
 from apga.protocol.algorithms import AFedPG, Update

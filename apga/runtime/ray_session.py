@@ -18,6 +18,7 @@ import ipaddress
 import os
 import secrets
 import shutil
+import socket
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -100,12 +101,37 @@ def join(address: str) -> Session:
     """Connect this process, as a driver, to a running cluster (``ray start --head``)."""
     ray = _import_ray()
     kwargs = dict(address=address, configure_logging=True, logging_level="warning", log_to_driver=False)
-    host = address.rsplit(":", 1)[0].strip("[]")
-    if is_loopback(host) or host == "localhost":  # a cluster on this machine's loopback interface
-        with _loopback_node_ip():
-            ray.init(_node_ip_address=LOOPBACK, **kwargs)
-    else:
+    from apga.errors import ApgaError
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    if address == "auto":  # the cluster `ray start` recorded on this machine
         ray.init(**kwargs)
+        return Session(False, address, None)
+    if not host or not port.isdigit():
+        raise ApgaError(f"runtime.address: expected HOST:PORT of a running Ray head (ray start --head), got {address!r}")
+    try:  # fail fast: ray.init would retry for minutes
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as exc:
+        raise ApgaError(f"runtime.address: nothing answers at {address!r} ({exc.strerror or exc}); "
+                        "start the head with `ray start --head`, or set runtime.address: null for a local run") from None
+    try:
+        # As Ray does for address="auto": a token in RAY_AUTH_TOKEN(_PATH) or ~/.ray/auth_token
+        # switches this driver to token authentication (Ray would not for an explicit address).
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available)
+        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    except ImportError:  # an older Ray without token authentication
+        pass
+    try:
+        if is_loopback(host) or host == "localhost":  # a cluster on this machine's loopback interface
+            with _loopback_node_ip():
+                ray.init(_node_ip_address=LOOPBACK, **kwargs)
+        else:
+            ray.init(**kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ApgaError(f"runtime.address: cannot join the Ray cluster at {address!r} ({first}); "
+                        "start it with `ray start --head`, or set runtime.address: null for a local run") from None
     return Session(False, address, None)
 
 
@@ -129,16 +155,22 @@ def is_loopback(ip: str) -> bool:
     return addr.is_loopback
 
 
+def _psutil():
+    _import_ray()  # Ray ships psutil in its thirdparty_files, on sys.path once ray is imported
+    import psutil
+    return psutil
+
+
 def session_processes(root_pid: int | None = None):
     """The driver and every process it started (GCS, raylets, agents, workers, actors)."""
-    import psutil
+    psutil = _psutil()
     root = psutil.Process(root_pid or os.getpid())
     return [root] + root.children(recursive=True)
 
 
 def inet_sockets(processes) -> list[dict]:
     """Every TCP/UDP socket of ``processes``: pid, name, status, local and remote address."""
-    import psutil
+    psutil = _psutil()
     out = []
     for p in processes:
         try:
