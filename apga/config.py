@@ -78,6 +78,7 @@ class RuntimeConfig:
     address: str | None = None  # ray: join an existing cluster (ray start); null = local
     inject_delays: bool = False  # ray: pad each trajectory to workers.compute_time real seconds
     worker_timeout: float = 120.0  # ray: seconds to wait for a crashed worker to come back
+    max_restarts: int = 3  # ray: restarts per crashed worker actor before the run fails
 
 
 @dataclass
@@ -351,6 +352,7 @@ def validate(cfg: Config) -> None:
     _require(cfg.policy.rollout_batch >= 1, "policy.rollout_batch",
              f"must be >= 1, got {cfg.policy.rollout_batch}")
     _require(cfg.runtime.name in ("sim", "ray"), "runtime.name", f"must be sim or ray, got {cfg.runtime.name!r}")
+    _require(cfg.runtime.max_restarts >= 0, "runtime.max_restarts", f"must be >= 0, got {cfg.runtime.max_restarts}")
     _require(math.isfinite(cfg.runtime.worker_timeout) and cfg.runtime.worker_timeout > 0, "runtime.worker_timeout",
              f"must be a finite number of seconds > 0, got {cfg.runtime.worker_timeout}")
     _require(cfg.runtime.processes >= 0, "runtime.processes",

@@ -278,23 +278,30 @@ def run(args) -> int:
     say = (lambda m: sys.stderr.write(m + "\n")) if not opts["quick"] else (lambda m: None)
 
     env, kwargs = _make_env(args.env, horizon)
-    try:
-        frame_skip = int(env.unwrapped.frame_skip)
-        say(f"bench: physics limit ({seconds:g} s)")
-        per_core = measure_physics(env, horizon, seconds, seed)
-        say(f"bench: gymnasium env.step ({seconds:g} s)")
-        gym_single = measure_gym(env, horizon, seconds, seed)
-    finally:
-        env.close()
-    say(f"bench: Stable-Baselines3 A2C ({seconds:g} s)")
-    sb3 = measure_sb3(args.env, kwargs, horizon, seconds, seed, cores)
-
     # One oracle (and process pool) for every apga measurement: a simulation with n workers
     # only uses workers 0..n-1, whose results do not depend on the oracle's worker count.
-    say(f"bench: apga, starting {cores} rollout process(es)")
+    # The pool starts first: its processes load in the background (--quick measures meanwhile;
+    # a full run waits, so that nothing else runs while it measures).
+    say(f"bench: starting {cores} rollout process(es)")
     big = _config(args.env, kwargs, horizon, max(ROUND_WORKERS), args.processes, args.rollout_batch, seed)
-    oracle = build_oracle(big)
     try:
+        oracle = build_oracle(big)
+    except BaseException:
+        env.close()
+        raise
+    try:
+        if not opts["quick"] and hasattr(oracle, "wait_ready"):
+            oracle.wait_ready()
+        try:
+            frame_skip = int(env.unwrapped.frame_skip)
+            say(f"bench: physics limit ({seconds:g} s)")
+            per_core = measure_physics(env, horizon, seconds, seed)
+            say(f"bench: gymnasium env.step ({seconds:g} s)")
+            gym_single = measure_gym(env, horizon, seconds, seed)
+        finally:
+            env.close()
+        say(f"bench: Stable-Baselines3 A2C ({seconds:g} s)")
+        sb3 = measure_sb3(args.env, kwargs, horizon, seconds, seed, cores)
         if hasattr(oracle, "wait_ready"):
             oracle.wait_ready()
         say(f"bench: apga Rennala NIGT training ({seconds:g} s)")

@@ -30,6 +30,7 @@ import multiprocessing as mp
 import os
 import queue
 import signal
+import sys
 import threading
 import traceback
 import weakref
@@ -145,6 +146,11 @@ def _child_main(conn, lock, shared, init_args) -> None:
         oracle.close()
         outbox.put(("bye",))
         thread.join(5.0)
+    # Nothing left to flush: skip the interpreter's teardown (torch, MuJoCo), which only makes
+    # close() wait.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # ----------------------------------------------------------------------------- the pool
@@ -160,8 +166,6 @@ def _start_without_main(proc) -> None:
     apga objects ever travel to the rollout processes, so the main module is hidden from
     multiprocessing while it prepares the child.
     """
-    import sys
-
     main = sys.modules.get("__main__")
     if main is None:
         proc.start()
@@ -180,16 +184,20 @@ def _start_without_main(proc) -> None:
                 main.__dict__[k] = v
 
 
-def _shutdown(procs, conns, shared, lock) -> None:
-    """Stop the processes: no new claims, stop message, grace, then terminate / kill."""
+def _shutdown(procs, conns, shared, lock, ready) -> None:
+    """Stop the processes: no new claims, stop message, grace, then terminate / kill.
+    A process still starting up (not in ``ready``) holds nothing worth a grace: terminated."""
     try:
         with lock:
             shared[0] = -1
     except Exception:
         pass
-    for c in conns:
+    for k, (p, c) in enumerate(zip(procs, conns)):
         try:
-            c.send(("stop",))
+            if k in ready:
+                c.send(("stop",))
+            else:
+                p.terminate()
         except Exception:
             pass
     for p in procs:
@@ -232,15 +240,24 @@ class ProcessPool:
                 self.procs.append(p)
                 self.conns.append(parent_end)
         except BaseException:
-            _shutdown(self.procs, self.conns, self.shared, self.lock)
+            _shutdown(self.procs, self.conns, self.shared, self.lock, set())
             raise
-        self._finalizer = weakref.finalize(self, _shutdown, self.procs, self.conns, self.shared, self.lock)
+        self._finalizer = weakref.finalize(self, _shutdown, self.procs, self.conns, self.shared, self.lock,
+                                           self.ready)
 
     @property
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs]
 
     def close(self) -> None:
+        if self._finalizer.alive:
+            try:  # learn which processes are up (their "ready" may still sit in the pipe)
+                for k, c in enumerate(self.conns):
+                    while k not in self.ready and c.poll():
+                        if c.recv()[0] == "ready":
+                            self.ready.add(k)
+            except (EOFError, OSError):
+                pass
         self._finalizer()  # runs _shutdown once
 
     def wait_ready(self) -> None:

@@ -357,17 +357,18 @@ class RLOracle(Oracle):
             if per_row and (live_rows is None or not np.array_equal(live_rows, alive)):
                 live_rows = alive  # gather the live rows' parameters only when the live set changes
                 live_params = params if alive.size == B else params.take(alive)
-            o = obs[alive]
+            sel = slice(None) if alive.size == B else alive  # all alive: cheaper basic indexing
+            o = obs[sel]
             if greedy:
                 actions = policies.greedy_action(spec, live_params, o)
             else:
-                stored, actions = policies.sample(spec, live_params, o, noise[alive, t])
+                stored, actions = policies.sample(spec, live_params, o, noise[sel, t])
             if store:
-                obs_buf[alive, t] = o
-                samp_buf[alive, t] = stored
+                obs_buf[sel, t] = o
+                samp_buf[sel, t] = stored
             if fast is not None:
                 o2, r, done = fast.step(alive.tolist(), actions)
-                obs[alive] = o2
+                obs[sel] = o2
             else:
                 actions = actions.tolist() if discrete else list(actions)
                 r = np.empty(alive.size)
@@ -376,9 +377,9 @@ class RLOracle(Oracle):
                     o2, r[k], term, trunc, _ = envs[b].step(actions[k])
                     obs[b] = o2
                     done[k] = term or trunc
-            rewards[alive, t] = r
-            lengths[alive] = t + 1
-            broken = ~(np.isfinite(r) & np.isfinite(obs[alive]).all(axis=1))
+            rewards[sel, t] = r
+            lengths[sel] = t + 1
+            broken = ~(np.isfinite(r) & np.isfinite(obs[sel]).all(axis=1))
             if broken.any():  # stop a broken trajectory at once; its rewards must not reach the weights
                 bad[alive[broken]] = True
                 rewards[alive[broken]] = 0.0

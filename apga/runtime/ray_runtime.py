@@ -24,7 +24,7 @@ Round algorithms (Rennala, Malenia, synchronous NIGT), one :meth:`step` = one ro
 AFedPG, one :meth:`step` = one gradient: each worker always has one job in flight at the point it
 was handed; the first to arrive is applied at once and the sender gets the new point back.
 
-Faults: actors restart (``MAX_RESTARTS``); a restarted worker rejoins the current round with a
+Faults: actors restart (``runtime.max_restarts``); a restarted worker rejoins the current round with a
 fresh local sum (what it held but had not reduced is lost; nothing already aggregated is). Rounds
 that can stop without it (Rennala) go on; rounds that need every worker (Malenia, synchronous)
 wait for it and fail with ApgaError after ``runtime.worker_timeout`` seconds.
@@ -52,7 +52,6 @@ from apga.runtime.simulator import Event, Totals
 
 log = logging.getLogger(__name__)
 
-MAX_RESTARTS = 3  # restarts per worker actor (a proposed config key: runtime.max_restarts)
 POLL = 2.0  # seconds a progress long-poll waits at most before reporting anyway
 WAKE = 0.5  # seconds the driver waits at most between checks of lost workers
 BIG = 10**9
@@ -103,8 +102,6 @@ class RayRuntime:
         a = cfg.algorithm
         if isinstance(algorithm, AFedPG) and a.aggregation != "server":
             raise ApgaError("algorithm.aggregation: AFedPG has no AllReduce form; use server")
-        if cfg.runtime.worker_timeout <= 0:
-            raise ApgaError("runtime.worker_timeout: must be > 0 seconds")
         self.cfg, self.alg, self.n = cfg, algorithm, algorithm.n
         self.aggregation, self.cancel = a.aggregation, a.cancel
         self.address, self.inject = cfg.runtime.address, cfg.runtime.inject_delays
@@ -164,7 +161,7 @@ class RayRuntime:
                     "oracle_factory": self.oracle_factory}
             actor_cls = ray.remote(WorkerActor)
             self._actors = [
-                actor_cls.options(num_cpus=per_actor, max_restarts=MAX_RESTARTS, max_task_retries=0,
+                actor_cls.options(num_cpus=per_actor, max_restarts=self.cfg.runtime.max_restarts, max_task_retries=0,
                                   max_concurrency=ACTOR_CONCURRENCY, scheduling_strategy="SPREAD").remote(w, spec)
                 for w in range(self.n)
             ]
@@ -292,7 +289,7 @@ class RayRuntime:
         missing = sorted(set(range(self.n)) - self._alive)
         gone = [w for w in missing if w in self._gone]
         if gone:
-            raise ApgaError(f"runtime: worker(s) {gone} died and cannot restart (max_restarts={MAX_RESTARTS}); "
+            raise ApgaError(f"runtime: worker(s) {gone} died and cannot restart (runtime.max_restarts={self.cfg.runtime.max_restarts}); "
                             f"{self.cfg.algorithm.name} cannot continue without them")
         late = [w for w in missing if now - self._dead_since.get(w, now) > self.worker_timeout]
         if late:
