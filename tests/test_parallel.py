@@ -1,6 +1,6 @@
 """Rollouts on several processes and AFedPG batching: bit-identical to one process, one by one;
 the pool never leaks processes (close, dead process, exception, KeyboardInterrupt)."""
-import multiprocessing as mp
+import subprocess
 import os
 import signal
 
@@ -44,9 +44,8 @@ def pair():
 
 
 def assert_gone(procs) -> None:
-    """The processes have ended and were reaped (no zombie left among our children)."""
-    assert procs and not any(p.is_alive() for p in procs)
-    assert not {p.pid for p in procs} & {c.pid for c in mp.active_children()}
+    """The processes have ended and were reaped (no zombie left)."""
+    assert procs and all(p.poll() is not None for p in procs)
     for p in procs:
         with pytest.raises(ProcessLookupError):
             os.kill(p.pid, 0)
@@ -210,9 +209,9 @@ def test_dead_process_raises_and_close_cleans_up():
     try:
         par.wait_ready()
         procs = list(par.pool.procs)
-        assert len(procs) == 1 and procs[0].is_alive()
+        assert len(procs) == 1 and procs[0].poll() is None
         os.kill(procs[0].pid, signal.SIGKILL)
-        procs[0].join(10)
+        procs[0].wait(10)
         with pytest.raises(PoolError, match="exited unexpectedly"):
             for k in range(5):  # the parent may finish a call alone before it notices
                 par.gradients(par.initial_point(), [(0, 10 * k + j) for j in range(6)])
@@ -261,3 +260,18 @@ def test_units_and_process_counts():
     assert group_units([1] * 10, 2, 16) == [list(range(5)), list(range(5, 10))]
     assert group_units([1] * 40, 2, 16) == [list(range(0, 16)), list(range(16, 32)), list(range(32, 40))]
     assert group_units([8, 8, 8, 8], 2, 8) == [[0], [1], [2], [3]]
+
+
+def test_no_helper_process_is_left_behind():
+    """Besides its rollout processes the pool starts nothing (no multiprocessing helpers)."""
+    def children():
+        out = subprocess.run(["ps", "--ppid", str(os.getpid()), "-o", "pid="], capture_output=True, text=True).stdout
+        return {int(x) for x in out.split()} - {0}
+
+    before = children()
+    par = ParallelOracle(EnvConfig(id="CartPole-v1", horizon=10), PolicyConfig(), 1, 0, processes=2)
+    pids = set(par.pool.pids)
+    assert pids <= children()
+    par.close()
+    left = children() - before
+    assert not (left & pids) and len(left) <= 1  # at most the `ps` of this very check

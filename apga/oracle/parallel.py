@@ -18,23 +18,33 @@ A round can only be split into its chunks: with ``policy.rollout_batch`` = B a r
 trajectories has ceil(M / B) chunks, so B should be at most M / processes for every process to
 get work (rounds cannot be pipelined: the next point depends on this round's result).
 
+Processes: plain ``python -c`` subprocesses (fresh interpreters: no forked torch / MuJoCo state,
+and unlike multiprocessing's spawn they never re-run the caller's ``__main__`` and need no
+resource-tracker helper), each connected by a socket pair; the work counter is a locked
+temporary file.
+
 Lifetime: :meth:`ParallelOracle.close` stops the processes (stop message, then terminate / kill
-after a short grace); a finalizer does the same if close is never called, spawned processes are
-daemons, ignore SIGINT (the parent handles Ctrl-C and closes the pool) and exit on their own
-when the parent disappears (their pipe closes).
+after a short grace); a finalizer does the same if close is never called. The processes ignore
+SIGINT (the parent handles Ctrl-C and closes the pool) and exit on their own when the parent
+disappears (their socket closes).
 """
 from __future__ import annotations
 
+import fcntl
 import math
-import multiprocessing as mp
 import os
 import queue
 import signal
+import socket
+import struct
+import subprocess
 import sys
+import tempfile
 import threading
+import time
 import traceback
 import weakref
-from multiprocessing.connection import wait
+from multiprocessing.connection import Connection, wait
 from typing import Sequence
 
 import numpy as np
@@ -87,19 +97,56 @@ def group_units(sizes: Sequence[int], processes: int, cap: int) -> list[list[int
     return units
 
 
-# ----------------------------------------------------------------------------- child process
-def _claim(lock, shared, request: int):
+# ----------------------------------------------------------------------------- shared counter
+# The claim counter lives in an unlinked temporary file shared by all processes: (request id,
+# next unit, number of units) as three int64, guarded by a POSIX record lock (fcntl.lockf locks
+# belong to processes, so they exclude each other even through one inherited descriptor). No
+# multiprocessing semaphore, hence no resource-tracker helper process.
+_COUNTER = struct.Struct("<qqq")
+
+
+def _set_request(fd: int, request: int, total: int) -> None:
+    fcntl.lockf(fd, fcntl.LOCK_EX)
+    try:
+        os.pwrite(fd, _COUNTER.pack(request, 0, total), 0)
+    finally:
+        fcntl.lockf(fd, fcntl.LOCK_UN)
+
+
+def _end_request(fd: int, request: int) -> None:
+    """No more claims for ``request`` (the others finish what they hold)."""
+    fcntl.lockf(fd, fcntl.LOCK_EX)
+    try:
+        rid, _, total = _COUNTER.unpack(os.pread(fd, _COUNTER.size, 0))
+        if rid == request:
+            os.pwrite(fd, _COUNTER.pack(rid, total, total), 0)
+    finally:
+        fcntl.lockf(fd, fcntl.LOCK_UN)
+
+
+def _claim(fd: int, request: int):
     """Next unit index of ``request``, or None when none is left (or the request is over)."""
-    with lock:
-        rid, nxt, total = shared[0], shared[1], shared[2]
+    fcntl.lockf(fd, fcntl.LOCK_EX)
+    try:
+        rid, nxt, total = _COUNTER.unpack(os.pread(fd, _COUNTER.size, 0))
         if rid != request or nxt >= total:
             return None
-        shared[1] = nxt + 1
+        os.pwrite(fd, _COUNTER.pack(rid, nxt + 1, total), 0)
         return nxt
+    finally:
+        fcntl.lockf(fd, fcntl.LOCK_UN)
 
 
-def _child_main(conn, lock, shared, init_args) -> None:
+# ----------------------------------------------------------------------------- child process
+CHILD_CODE = "import sys; sys.path[:0] = {path!r}; from apga.oracle.parallel import _child_entry; _child_entry()"
+
+
+def _child_entry() -> None:
+    """Main of a rollout process: ``python -c CHILD_CODE CONN_FD COUNTER_FD``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    conn = Connection(int(sys.argv[1]))
+    counter = int(sys.argv[2])
+    parent = os.getppid()
     outbox: queue.Queue = queue.Queue()
 
     def sender():  # sends in the background: a large result never stalls the next claim
@@ -114,14 +161,16 @@ def _child_main(conn, lock, shared, init_args) -> None:
 
     thread = threading.Thread(target=sender, daemon=True)
     thread.start()
+    oracle = None
     try:
+        init_args = conn.recv()
         from apga.oracle.rl import RLOracle
 
         oracle = RLOracle(*init_args)
     except BaseException:
         outbox.put(("init_error", traceback.format_exc()))
         thread.join(5.0)
-        return
+        os._exit(1)
     outbox.put(("ready",))
     try:
         while True:
@@ -132,8 +181,8 @@ def _child_main(conn, lock, shared, init_args) -> None:
             if msg[0] == "stop":
                 break
             _, request, units = msg
-            while True:
-                i = _claim(lock, shared, request)
+            while os.getppid() == parent:  # stop claiming if the parent died meanwhile
+                i = _claim(counter, request)
                 if i is None:
                     break
                 try:
@@ -158,92 +207,79 @@ class PoolError(RuntimeError):
     """A rollout process failed or died."""
 
 
-def _start_without_main(proc) -> None:
-    """Start a spawn process without re-running the parent's ``__main__`` in it.
-
-    Spawn normally re-imports the main script in the child (so that objects defined there can
-    be unpickled), which breaks scripts without an ``if __name__ == "__main__"`` guard. Only
-    apga objects ever travel to the rollout processes, so the main module is hidden from
-    multiprocessing while it prepares the child.
-    """
-    main = sys.modules.get("__main__")
-    if main is None:
-        proc.start()
-        return
-    missing = object()
-    saved = {k: main.__dict__.get(k, missing) for k in ("__file__", "__spec__")}
-    main.__dict__.pop("__file__", None)
-    main.__dict__["__spec__"] = None
-    try:
-        proc.start()
-    finally:
-        for k, v in saved.items():
-            if v is missing:
-                main.__dict__.pop(k, None)
-            else:
-                main.__dict__[k] = v
-
-
-def _shutdown(procs, conns, shared, lock, ready) -> None:
+def _shutdown(procs, conns, counter, ready) -> None:
     """Stop the processes: no new claims, stop message, grace, then terminate / kill.
     A process still starting up (not in ``ready``) holds nothing worth a grace: terminated."""
     try:
-        with lock:
-            shared[0] = -1
-    except Exception:
+        _set_request(counter, -1, 0)
+    except OSError:
         pass
     for k, (p, c) in enumerate(zip(procs, conns)):
         try:
-            if k in ready:
+            if k in ready and p.poll() is None:
                 c.send(("stop",))
             else:
                 p.terminate()
         except Exception:
             pass
+    deadline = time.monotonic() + GRACE_SECONDS
     for p in procs:
-        p.join(GRACE_SECONDS)
+        try:
+            p.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
     for p in procs:
-        if p.is_alive():
-            p.terminate()
-            p.join(1.0)
-        if p.is_alive():
-            p.kill()
-            p.join(1.0)
+        for stop in (p.terminate, p.kill):
+            if p.poll() is None:
+                stop()
+                try:
+                    p.wait(1.0)
+                except subprocess.TimeoutExpired:
+                    pass
     for c in conns:
         try:
             c.close()
         except Exception:
             pass
+    try:
+        os.close(counter)
+    except OSError:
+        pass
 
 
 class ProcessPool:
-    """``children`` spawned processes, each holding an RLOracle built from ``init_args``;
-    :meth:`run` executes a list of units on them and on the calling process's own oracle."""
+    """``children`` rollout processes (fresh interpreters), each holding an RLOracle built from
+    ``init_args``; :meth:`run` executes a list of units on them and on ``local_oracle``."""
 
     def __init__(self, children: int, init_args: tuple, local_oracle):
         self.local = local_oracle
-        ctx = mp.get_context("spawn")  # fresh interpreters: no forked torch / MuJoCo state
-        self.lock = ctx.Lock()
-        self.shared = ctx.RawArray("q", 3)  # request id, next unit, number of units
-        self.procs, self.conns = [], []
-        self.ready = set()
+        self.procs: list[subprocess.Popen] = []
+        self.conns: list[Connection] = []
+        self.ready: set[int] = set()
         self.request = 0
         self.broken: str | None = None
         self.units_local = self.units_remote = 0  # units computed here / by the children
+        with tempfile.TemporaryFile() as f:  # unlinked at once: nothing is left on disk
+            self.counter = os.dup(f.fileno())
+        os.pwrite(self.counter, _COUNTER.pack(0, 0, 0), 0)
+        code = CHILD_CODE.format(path=[p for p in sys.path if p])
         try:
-            for k in range(children):
-                parent_end, child_end = ctx.Pipe(duplex=True)
-                p = ctx.Process(target=_child_main, args=(child_end, self.lock, self.shared, init_args),
-                                name=f"apga-rollout-{k + 1}", daemon=True)
-                _start_without_main(p)
-                child_end.close()
-                self.procs.append(p)
-                self.conns.append(parent_end)
+            for _ in range(children):
+                mine, theirs = socket.socketpair()
+                try:
+                    proc = subprocess.Popen(
+                        [sys.executable, "-c", code, str(theirs.fileno()), str(self.counter)],
+                        pass_fds=(theirs.fileno(), self.counter), stdin=subprocess.DEVNULL, close_fds=True)
+                finally:
+                    theirs.close()
+                self.procs.append(proc)
+                conn = Connection(mine.detach())
+                self.conns.append(conn)
+                conn.send(init_args)
         except BaseException:
-            _shutdown(self.procs, self.conns, self.shared, self.lock, set())
+            _shutdown(self.procs, self.conns, self.counter, set())
             raise
-        self._finalizer = weakref.finalize(self, _shutdown, self.procs, self.conns, self.shared, self.lock,
-                                           self.ready)
+        self._finalizer = weakref.finalize(self, _shutdown, self.procs, self.conns, self.counter, self.ready)
 
     @property
     def pids(self) -> list[int]:
@@ -273,20 +309,19 @@ class ProcessPool:
             raise PoolError("the rollout pool is closed")
         self.request += 1
         request = self.request
-        with self.lock:
-            self.shared[0], self.shared[1], self.shared[2] = request, 0, len(units)
-        msg = ("work", request, units)
-        for p, c in zip(self.procs, self.conns):
-            try:
-                c.send(msg)
-            except (BrokenPipeError, OSError):
-                self._dead(p, c)
+        _set_request(self.counter, request, len(units))
         results: list = [None] * len(units)
         done = [False] * len(units)
         pending = len(units)
         try:
+            msg = ("work", request, units)
+            for k, c in enumerate(self.conns):
+                try:
+                    c.send(msg)
+                except OSError:
+                    self._dead(k)
             while True:
-                i = _claim(self.lock, self.shared, request)
+                i = _claim(self.counter, request)
                 if i is None:
                     break
                 results[i], done[i] = _run_unit(self.local, units[i]), True
@@ -296,31 +331,27 @@ class ProcessPool:
             while pending:
                 pending -= self._drain(request, results, done, timeout=None)
         except BaseException:
-            with self.lock:  # stop the others from claiming more of this request
-                if self.shared[0] == request:
-                    self.shared[1] = self.shared[2]
+            _end_request(self.counter, request)  # the others stop claiming units of this request
             raise
         return results
 
     def _drain(self, request: int, results: list, done: list, timeout) -> int:
         """Receive what the children sent; returns how many units of ``request`` completed."""
         got = 0
-        sentinels = {p.sentinel: p for p in self.procs}
-        for obj in wait(self.conns + list(sentinels), timeout):
-            if obj in sentinels:
-                p = sentinels[obj]
-                self._dead(p, self.conns[self.procs.index(p)])
+        for conn in wait(self.conns, timeout):
+            k = self.conns.index(conn)
             try:
-                msg = obj.recv()
+                msg = conn.recv()
             except (EOFError, OSError):
-                continue  # the sentinel will report the exit
+                self._dead(k)
             if msg[0] == "ready":
-                self.ready.add(self.conns.index(obj))
+                self.ready.add(k)
             got += self._handle(msg, request, results, done)
         return got
 
-    def _dead(self, p, conn) -> None:
-        """A child is gone: report its own error message if it sent one, else its exit."""
+    def _dead(self, k: int) -> None:
+        """Child k is gone (its socket closed): report its error message if it sent one."""
+        p, conn = self.procs[k], self.conns[k]
         try:
             while conn.poll():
                 msg = conn.recv()
@@ -328,8 +359,11 @@ class ProcessPool:
                     self._handle(msg, msg[1] if msg[0] == "error" else self.request, [], [])
         except (EOFError, OSError):
             pass
-        p.join(1.0)
-        self.broken = f"rollout process {p.name} (pid {p.pid}) exited unexpectedly (exit code {p.exitcode})"
+        try:
+            p.wait(1.0)
+        except subprocess.TimeoutExpired:
+            pass
+        self.broken = f"rollout process {k + 1} (pid {p.pid}) exited unexpectedly (exit code {p.poll()})"
         raise PoolError(self.broken)
 
     def _handle(self, msg, request: int, results: list, done: list) -> int:

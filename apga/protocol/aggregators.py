@@ -38,12 +38,25 @@ def sync_stop(counts: Sequence[int], batch: int) -> bool:
     return all(b >= quota for b in counts)
 
 
+def contribution(rule: str, grad_sum: np.ndarray, count: int) -> np.ndarray:
+    """What one worker adds to the round's single reduction (server upload or AllReduce):
+    its sum g_i (Rennala, sync) or its mean g_i / b_i (Malenia)."""
+    return grad_sum / count if rule == "malenia" else grad_sum
+
+
+def combine(rule: str, total: np.ndarray, count: int, live: int) -> np.ndarray:
+    """The aggregate from the reduced contributions: total / sum_i b_i (Rennala, sync) or
+    total / (number of contributing workers) (Malenia)."""
+    return total / (live if rule == "malenia" else count)
+
+
 def rennala_aggregate(sums: Sequence[np.ndarray], counts: Sequence[int]) -> np.ndarray:
     """g = (sum_i g_i) / (sum_i b_i): the plain mean of all gradients (biased to fast workers
     when workers' objectives differ)."""
-    return np.sum(sums, axis=0) / sum(counts)
+    return combine("rennala", np.sum(sums, axis=0), sum(counts), len(counts))
 
 
 def malenia_aggregate(sums: Sequence[np.ndarray], counts: Sequence[int]) -> np.ndarray:
     """g = (1/n) sum_i g_i / b_i: unbiased for the average of the workers' gradients."""
-    return np.sum([s / b for s, b in zip(sums, counts)], axis=0) / len(counts)
+    total = np.sum([contribution("malenia", s, b) for s, b in zip(sums, counts)], axis=0)
+    return combine("malenia", total, sum(counts), len(counts))

@@ -79,26 +79,38 @@ class RoundAlgorithm:
         (Malenia then averages over the remaining workers); if none is left, nothing moves.
         """
         live = [b for b in batches.values() if b.count > 0]
-        if not live:
-            update = _reject(list(batches.values()))
-        else:
-            sums, counts = [b.grad_sum for b in live], [b.count for b in live]
-            if self.rule == "malenia":
-                g = agg.malenia_aggregate(sums, counts)
-            else:
-                g = agg.rennala_aggregate(sums, counts)
-            if not np.all(np.isfinite(g)):
-                update = _reject(list(batches.values()))
-            else:
-                self.state, stepped = nigt_step(self.state, g, self.alpha, self.eta)
-                update = Update(
-                    used=sum(counts), rejected=sum(b.rejected for b in batches.values()),
-                    stepped=stepped, grad_norm=float(np.linalg.norm(g)),
-                    returns=np.concatenate([b.returns for b in batches.values()]),
-                    env_steps=sum(b.env_steps for b in batches.values()),
-                )
+        total = np.sum([agg.contribution(self.rule, b.grad_sum, b.count) for b in live], axis=0) if live else None
+        all_ = list(batches.values())
+        self.state, update = reduced_step(
+            self.state, self.rule, total, sum(b.count for b in live), len(live), self.alpha, self.eta,
+            rejected=sum(b.rejected for b in all_), returns=np.concatenate([b.returns for b in all_]),
+            env_steps=sum(b.env_steps for b in all_))
         self.version += 1
         return update
+
+    def adopt(self, state: NIGTState) -> None:
+        """End the round with the state the workers computed themselves (AllReduce mode: every
+        participant ran ``reduced_step`` on the same reduction)."""
+        self.state = state
+        self.version += 1
+
+
+def reduced_step(state: NIGTState, rule: str, total: np.ndarray | None, count: int, live: int,
+                 alpha: float, eta: float, rejected: int, returns: np.ndarray, env_steps: int
+                 ) -> tuple[NIGTState, Update]:
+    """The NIGT step from one round's reduction: ``total`` = sum of the workers' contributions
+    (aggregators.contribution), ``count`` = sum_i b_i, ``live`` = workers with b_i > 0.
+
+    Pure, so the server (RoundAlgorithm.finish_round) and every AllReduce participant (Ray
+    workers) take the identical step from the identical reduced numbers.
+    """
+    if count == 0 or total is None:
+        return state, Update(0, count + rejected, False, math.nan, np.zeros(0), env_steps)
+    g = agg.combine(rule, total, count, live)
+    if not np.all(np.isfinite(g)):
+        return state, Update(0, count + rejected, False, math.nan, np.zeros(0), env_steps)
+    state, stepped = nigt_step(state, g, alpha, eta)
+    return state, Update(count, rejected, stepped, float(np.linalg.norm(g)), returns, env_steps)
 
 
 class AFedPG:

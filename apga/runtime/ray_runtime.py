@@ -485,8 +485,7 @@ class RayRuntime:
             self.resyncs += 1
             log.warning("AllReduce ranks hold different parameters after round %d; resetting them to rank 0's", r)
             ray.get([self._actors[w].set_state.remote(state) for w in members])
-        self.alg.state = state
-        self.alg.version += 1
+        self.alg.adopt(state)
         self.totals.vector_comms += 1
         env_steps = rank0["env_steps"]
         if not rank0["ok"]:

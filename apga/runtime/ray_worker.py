@@ -31,7 +31,9 @@ from typing import Callable
 import numpy as np
 
 from apga.oracle.base import WorkerBatch
-from apga.protocol.nigt import NIGTState, extrapolated_point, nigt_step
+from apga.protocol import aggregators as agg
+from apga.protocol.algorithms import reduced_step
+from apga.protocol.nigt import NIGTState, extrapolated_point
 
 
 class Cancelled(Exception):
@@ -304,12 +306,7 @@ class WorkerActor:
         batch = self._batch(r, b)
         dim = self.nigt.theta.shape[0]
         count = batch.count if batch else 0
-        if batch is None or count == 0:
-            vec = np.zeros(dim)
-        elif self.rule == "malenia":
-            vec = batch.grad_sum / count
-        else:
-            vec = batch.grad_sum
+        vec = agg.contribution(self.rule, batch.grad_sum, count) if count else np.zeros(dim)
         buf = np.concatenate([vec, [count, batch.rejected if batch else 0, 1.0 if count > 0 else 0.0,
                                     batch.env_steps if batch else 0]])
         t0 = time.time()
@@ -317,15 +314,10 @@ class WorkerActor:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.pg)
         if self.inject and self.times.allreduce > 0:
             time.sleep(max(0.0, self.times.allreduce - (time.time() - t0)))
-        total, rejected, live, env_steps = (float(x) for x in buf[dim:])
-        stepped, grad_norm, state = False, float("nan"), self.nigt
-        ok = total > 0
-        if ok:
-            g = buf[:dim] / (live if self.rule == "malenia" else total)
-            ok = bool(np.all(np.isfinite(g)))
-            if ok:
-                state, stepped = nigt_step(self.nigt, g, self.alpha, self.eta)
-                grad_norm = float(np.linalg.norm(g))
+        total, rejected, live, env_steps = (int(round(x)) for x in buf[dim:])
+        state, update = reduced_step(self.nigt, self.rule, buf[:dim], total, live, self.alpha, self.eta,
+                                     rejected, np.zeros(0), env_steps)
+        ok, stepped, grad_norm = update.used > 0, update.stepped, update.grad_norm
         with self.cv:
             self.pending = (r, state)
         return {"digest": digest(state.theta), "state": state if self.rank == 0 else None,
