@@ -78,17 +78,18 @@ def test_quickstart_learns_cartpole(tmp_path, algorithm):
     assert evals[-1] >= 150, evals  # and is still far above the start at the end
 
 
-@pytest.mark.slow
-def test_rennala_improves_pendulum(tmp_path):
+def test_rennala_improves_reacher(tmp_path):
+    """Rennala NIGT on Reacher-v5 (MuJoCo), the step size found by configs/tune_reacher.yaml."""
     cfg = apga.load_config(None, [
-        "env.id=Pendulum-v1", "env.horizon=200", "env.gamma=0.99", "algorithm.name=rennala_nigt",
-        "algorithm.step_size=0.02", "algorithm.momentum=0.1", "algorithm.batch_size=32",
-        "workers.n=10", "workers.compute_time=sqrt", "budget.iterations=150",
-        "eval.every=25", "eval.episodes=10"])
-    apga.train(cfg, str(tmp_path / "p"), progress=False)
-    m = apga.read_metrics(str(tmp_path / "p"))
+        "env.id=Reacher-v5", "env.horizon=50", "algorithm.name=rennala_nigt",
+        "algorithm.step_size=0.0078125", "algorithm.momentum=0.1", "algorithm.batch_size=20",
+        "workers.n=10", "workers.compute_time=sqrt", "workers.comm_time=sqrt", "budget.iterations=150",
+        "eval.every=50", "eval.episodes=20", "eval.deterministic=false", "checkpoint.every=50"])
+    apga.train(cfg, str(tmp_path / "reacher"), progress=False)
+    m = apga.read_metrics(str(tmp_path / "reacher"))
     evals = m["eval_return"][~np.isnan(m["eval_return"])]
-    assert evals[-2:].mean() > evals[0] + 300, evals
+    assert len(evals) == 4
+    assert evals[-1] > evals[0] + 8, evals  # about -32 at the start, about -17 after 150 updates
 
 
 @pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(ROOT, "configs", "examples"))) + ["../quickstart.yaml"])
