@@ -66,7 +66,6 @@ def test_outputs_of_a_run(tmp_path):
     assert resolved.algorithm.batch_size == 8 and resolved.env.horizon == 100
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["rennala_nigt", "malenia_nigt"])
 def test_quickstart_learns_cartpole(tmp_path, algorithm):
     result = apga.train(apga.load_config(QUICKSTART, [f"algorithm.name={algorithm}"]), str(tmp_path / "r"),
