@@ -4,6 +4,7 @@ import subprocess
 import os
 import signal
 
+import gymnasium as gym
 import numpy as np
 import pytest
 
@@ -78,7 +79,10 @@ def test_gradients_many_and_evaluate_are_bit_identical(pair):
 
 def test_multi_point_rollout_equals_one_chunk_at_a_time():
     one = RLOracle(ENV, PolicyConfig(hidden=[16, 16], rollout_batch=8), N, SEED)
-    tasks = [(point_of(one, k), [(k % N, k)]) for k in range(6)] + [(point_of(one, 9), [(0, 1), (2, 5), (0, 2)])]
+    # a 3-job chunk packed with 5 single jobs (8 trajectories, 6 points), then 2 more singles,
+    # one of them at the same point as the chunk
+    tasks = [(point_of(one, 9), [(0, 1), (2, 5), (0, 2)])] + [(point_of(one, k), [(k % N, k)]) for k in range(6)]
+    tasks.append((tasks[0][0], [(3, 4)]))
     together = one.run_tasks(tasks)
     for (p, chunk), got in zip(tasks, together):
         same(got, one.run_chunk(p, chunk))
@@ -221,6 +225,33 @@ def test_dead_process_raises_and_close_cleans_up():
         par.close()
     par.close()  # idempotent
     assert_gone(procs)
+
+
+class ParentOnly(gym.Env):
+    """Registered in this process only: a rollout process cannot build it."""
+
+    observation_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float64)
+    action_space = gym.spaces.Discrete(2)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return np.zeros(2), {}
+
+    def step(self, action):
+        return np.zeros(2), 1.0, True, False, {}
+
+
+def test_a_process_that_cannot_start_is_a_one_line_error():
+    if "ApgaParentOnly-v0" not in gym.registry:
+        gym.register("ApgaParentOnly-v0", entry_point=ParentOnly)
+    par = ParallelOracle(EnvConfig(id="ApgaParentOnly-v0", horizon=5), PolicyConfig(), 2, 0, processes=2)
+    try:
+        with pytest.raises(PoolError, match="could not build its oracle .*ApgaParentOnly") as info:
+            par.wait_ready()
+        assert "\n" not in str(info.value) and "runtime.processes: 1" in str(info.value)
+    finally:
+        par.close()
+    assert_gone(par.pool.procs)
 
 
 def test_keyboard_interrupt_in_training_leaves_no_process(tmp_path, monkeypatch):

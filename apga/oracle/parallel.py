@@ -49,6 +49,7 @@ from typing import Sequence
 
 import numpy as np
 
+from apga.errors import ApgaError
 from apga.oracle.base import Job, Oracle, WorkerBatch
 
 GRACE_SECONDS = 2.0  # close(): how long a process may take to stop before it is terminated
@@ -76,6 +77,11 @@ def _run_unit(oracle, unit):
     if kind == "eval":
         _, point, tasks, key, deterministic = unit
         return [oracle.eval_task(point, t, key, deterministic) for t in tasks]
+    if kind == "call":  # ("call", "module:function", args): function(oracle, *args), e.g. a benchmark
+        import importlib
+
+        module, _, name = unit[1].partition(":")
+        return getattr(importlib.import_module(module), name)(oracle, *unit[2])
     raise ValueError(f"unknown unit kind {kind!r}")
 
 
@@ -203,20 +209,25 @@ def _child_entry() -> None:
 
 
 # ----------------------------------------------------------------------------- the pool
-class PoolError(RuntimeError):
-    """A rollout process failed or died."""
+class PoolError(ApgaError):
+    """A rollout process died or could not start (the pool is then unusable)."""
 
 
-def _shutdown(procs, conns, counter, ready) -> None:
+class RolloutError(RuntimeError):
+    """An exception inside a rollout process; the message carries its traceback."""
+
+
+def _shutdown(procs, conns, counter, ready, state) -> None:
     """Stop the processes: no new claims, stop message, grace, then terminate / kill.
-    A process still starting up (not in ``ready``) holds nothing worth a grace: terminated."""
+    A process still starting up (not in ``ready``), or any after an abandoned request (it may
+    be mid-unit for seconds), holds nothing worth a grace: terminated at once."""
     try:
         _set_request(counter, -1, 0)
     except OSError:
         pass
     for k, (p, c) in enumerate(zip(procs, conns)):
         try:
-            if k in ready and p.poll() is None:
+            if k in ready and not state.get("abandoned") and p.poll() is None:
                 c.send(("stop",))
             else:
                 p.terminate()
@@ -277,9 +288,11 @@ class ProcessPool:
                 self.conns.append(conn)
                 conn.send(init_args)
         except BaseException:
-            _shutdown(self.procs, self.conns, self.counter, set())
+            _shutdown(self.procs, self.conns, self.counter, set(), {})
             raise
-        self._finalizer = weakref.finalize(self, _shutdown, self.procs, self.conns, self.counter, self.ready)
+        self._state = {"abandoned": False}
+        self._finalizer = weakref.finalize(self, _shutdown, self.procs, self.conns, self.counter, self.ready,
+                                           self._state)
 
     @property
     def pids(self) -> list[int]:
@@ -330,8 +343,12 @@ class ProcessPool:
                 pending -= self._drain(request, results, done, timeout=0.0)
             while pending:
                 pending -= self._drain(request, results, done, timeout=None)
+            self._drain(request, results, done, timeout=0.0)  # a dead process is reported now
         except BaseException:
             _end_request(self.counter, request)  # the others stop claiming units of this request
+            # Interrupted (Ctrl-C, an error): the others may be mid-unit for a while; a close()
+            # now need not wait for them (they hold nothing to save).
+            self._state["abandoned"] = True
             raise
         return results
 
@@ -363,7 +380,8 @@ class ProcessPool:
             p.wait(1.0)
         except subprocess.TimeoutExpired:
             pass
-        self.broken = f"rollout process {k + 1} (pid {p.pid}) exited unexpectedly (exit code {p.poll()})"
+        self.broken = (f"rollout process {k + 1} (pid {p.pid}) exited unexpectedly (exit code {p.poll()}); "
+                       "was it killed (out of memory?)? runtime.processes: 1 runs without a pool")
         raise PoolError(self.broken)
 
     def _handle(self, msg, request: int, results: list, done: list) -> int:
@@ -371,13 +389,14 @@ class ProcessPool:
         if kind == "ready" or kind == "bye":
             return 0
         if kind == "init_error":
-            self.broken = "a rollout process could not build its oracle:\n" + msg[1]
+            last = msg[1].strip().splitlines()[-1] if msg[1].strip() else "unknown error"
+            self.broken = f"a rollout process could not build its oracle ({last}); runtime.processes: 1 runs without a pool"
             raise PoolError(self.broken)
         _, rid, i, payload = msg
         if rid != request:
             return 0  # a late message of an abandoned request
         if kind == "error":
-            raise PoolError(f"a rollout process failed on unit {i}:\n{payload}")
+            raise RolloutError(f"a rollout process failed on unit {i}:\n{payload}")
         if done[i]:
             return 0
         results[i], done[i] = payload, True
@@ -435,6 +454,18 @@ class ParallelOracle(Oracle):
         groups = group_units([e - s for _, s, e in tasks], self.processes, local.rollout_batch)
         out = self.pool.run([("eval", point, [tasks[i] for i in g], key, deterministic) for g in groups])
         return local.eval_combine(tasks, [t for unit in out for t in unit])
+
+    def run_everywhere(self, function: str, args_per_process: Sequence[tuple]) -> list:
+        """``function(oracle, *args)`` once per process, all at the same time (``function`` is
+        "module:name", importable by every process; one args tuple per process). For
+        measurements such as the all-core physics rate of ``apga bench``."""
+        if len(args_per_process) != self.processes:
+            raise ValueError(f"need {self.processes} argument tuples, got {len(args_per_process)}")
+        units = [("call", function, tuple(a)) for a in args_per_process]
+        if self.pool is None:
+            return [_run_unit(self.local, u) for u in units]
+        self.pool.wait_ready()
+        return self.pool.run(units)
 
     def wait_ready(self) -> None:
         """Block until the rollout processes are up (they start in the background)."""

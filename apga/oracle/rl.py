@@ -32,7 +32,6 @@ bit-identical to ``env.step``); every other env goes through ``env.step``.
 """
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Sequence
 
 import numpy as np
@@ -243,10 +242,11 @@ class RLOracle(Oracle):
         points = [self._check_point(p) for p, _ in pack_tasks]
         jobs = [jb for _, chunk in pack_tasks for jb in chunk]
         streams = [rng.stream(self.seed, rng.TRAJECTORY, w, j) for w, j in jobs]
-        if len(pack_tasks) == 1:
-            params = points[0]
+        if all(p is points[0] or np.array_equal(p, points[0]) for p in points[1:]):
+            params = points[0]  # one point for all: the shared forward (same rows, bit for bit)
         else:
-            params = policies.RowParams.stack(self.spec, np.repeat(np.stack(points), [len(c) for _, c in pack_tasks], axis=0))
+            per_row = np.repeat(np.stack(points), [len(c) for _, c in pack_tasks], axis=0)
+            params = policies.RowParams.stack(self.spec, per_row)
         ro = self._rollout(params, key, streams, store=True, greedy=False)
         valid = np.arange(self.horizon)[None, :] < ro.lengths[:, None]  # (B, H)
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is caught below: rejected
