@@ -1,6 +1,6 @@
 """Compare methods over seeds (and settings): plan, validate, run in parallel, aggregate, plot.
 
-A compare config (YAML) describes settings x variants x seeds, each one ``apga.train.train`` run::
+A compare config (YAML) describes settings x variants x seeds, each one ``apga.training.train`` run::
 
     base_file: ../quickstart.yaml      # or  base: {<a full train config mapping>}
     seeds: 5                           # N (seeds 0..N-1) or an explicit list [0, 3, 7]
@@ -479,12 +479,11 @@ def _execute(task: tuple) -> tuple:
             torch.set_num_threads(1)
         except ImportError:  # pragma: no cover
             pass
-        import importlib
-        trainmod = importlib.import_module("apga.train")  # apga.train is also a function name
+        from apga import training
         if mode == "resume":
-            result = trainmod.resume(out_dir, progress=False)
+            result = training.resume(out_dir, progress=False)
         else:
-            result = trainmod.train(cfgmod.from_dict(data), out_dir, force=True, progress=False)
+            result = training.train(cfgmod.from_dict(data), out_dir, force=True, progress=False)
         return ("ok", result.summary, "")
     except ApgaError as exc:
         return ("error", str(exc), "")
@@ -657,7 +656,7 @@ def execute(plan: Plan, jobs: int | None = None, force: bool = False, progress: 
 # --------------------------------------------------------------------------------------------
 
 def _eval_rows(out_dir: str) -> dict:
-    from apga.train import read_metrics
+    from apga.training import read_metrics
     m = read_metrics(out_dir)
     ok = ~np.isnan(m["eval_return"])
     return {k: m[k][ok] for k in ("time", "trajectories", "vector_comms", "eval_return")}

@@ -15,8 +15,8 @@ from apga.cli import main
 from apga.oracle.base import WorkerBatch
 from apga.oracle.synthetic import SyntheticOracle
 from apga.protocol.algorithms import AFedPG, RoundAlgorithm
-from apga.train import COLUMNS, read_metrics
-from apga.train import train as run_train
+from apga.training import COLUMNS, read_metrics
+from apga.training import train as run_train
 
 
 def config(name: str, nan_prob: float, iterations: int = 150, **algorithm) -> dict:
@@ -144,7 +144,7 @@ def test_all_gradients_nan_stops_with_one_line(tmp_path, capsys, name):
 
 def test_mostly_nan_later_stops(tmp_path, monkeypatch):
     """A run that had finite gradients and then gets none for STALL_LIMIT updates stops too."""
-    import apga.train as T
+    import apga.training as T
     monkeypatch.setattr(T, "STALL_LIMIT", 30)
     from apga.runtime.simulator import Simulator
     real = Simulator._afedpg_gradient

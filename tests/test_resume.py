@@ -25,8 +25,8 @@ import pytest
 import yaml
 
 import apga
-from apga.train import COLUMNS, Trainer
-from apga.train import train as run_train
+from apga.training import COLUMNS, Trainer
+from apga.training import train as run_train
 
 SLOW_ENV = "APGA_TEST_SLOW_WRITES"
 

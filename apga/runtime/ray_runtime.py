@@ -81,7 +81,7 @@ def _first_line(exc) -> str:
 
 
 def _default_oracle(cfg):
-    from apga.train import build_oracle
+    from apga.training import build_oracle
     return build_oracle(cfg)
 
 

@@ -25,7 +25,6 @@ import socket
 import struct
 import sys
 import time
-import types
 from dataclasses import dataclass
 
 import numpy as np
@@ -526,15 +525,3 @@ def train(cfg: Config, out_dir: str, force: bool = False, progress: bool = True)
 def resume(out_dir: str, progress: bool = True) -> RunResult:
     """Continue the run in ``out_dir`` from its last checkpoint; the result equals an uninterrupted run."""
     return Trainer.resume(out_dir, progress)
-
-
-class _CallableModule(types.ModuleType):
-    """``apga.train`` is both this module and the API function apga/__init__.py defines: importing
-    the module rebinds the package attribute to the module, so the module forwards calls to
-    :func:`train` to keep ``apga.train(cfg, out_dir)`` working either way."""
-
-    def __call__(self, *args, **kwargs):
-        return train(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
