@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -44,6 +44,11 @@ class WorkerBatch:
         )
 
 
+class Cancelled(Exception):
+    """Raised by ``Oracle.gradients`` when its ``should_stop`` check says the work is no longer
+    wanted (a real runtime abandoning a trajectory when its round ends)."""
+
+
 Job = tuple[int, int]  # (worker, job index); job indices count each worker's started jobs from 0
 
 
@@ -58,8 +63,12 @@ class Oracle(ABC):
         """theta_0 as a float64 vector; depends only on the oracle's seed."""
 
     @abstractmethod
-    def gradients(self, point: np.ndarray, jobs: Sequence[Job]) -> dict[int, WorkerBatch]:
+    def gradients(self, point: np.ndarray, jobs: Sequence[Job],
+                  should_stop: Callable[[], bool] | None = None) -> dict[int, WorkerBatch]:
         """Gradients of every job in ``jobs``, all at ``point``, summed per worker.
+
+        ``should_stop`` (optional) is checked before every environment step (synthetic: before
+        every gradient); when it returns True the call raises :class:`Cancelled`.
 
         Implementations batch all jobs that share an environment into one vectorised rollout.
         The result has one entry per worker that appears in ``jobs``; the per-worker sum is

@@ -45,7 +45,7 @@ import time
 import traceback
 import weakref
 from multiprocessing.connection import Connection, wait
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -430,7 +430,10 @@ class ParallelOracle(Oracle):
     def initial_point(self) -> np.ndarray:
         return self.local.initial_point()
 
-    def gradients(self, point: np.ndarray, jobs: Sequence[Job]) -> dict[int, WorkerBatch]:
+    def gradients(self, point: np.ndarray, jobs: Sequence[Job],
+                  should_stop: Callable[[], bool] | None = None) -> dict[int, WorkerBatch]:
+        if should_stop is not None:  # a runtime that cancels steps runs its own processes
+            return self.local.gradients(point, jobs, should_stop)
         return self.gradients_many([(point, jobs)])[0]
 
     def gradients_many(self, requests) -> list[dict[int, WorkerBatch]]:

@@ -32,7 +32,7 @@ bit-identical to ``env.step``); every other env goes through ``env.step``.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -41,7 +41,7 @@ from apga import rng
 from apga.config import EnvConfig, PolicyConfig
 from apga.errors import ConfigError
 from apga.oracle import fast_mujoco, policies
-from apga.oracle.base import Job, Oracle, WorkerBatch
+from apga.oracle.base import Cancelled, Job, Oracle, WorkerBatch
 from apga.oracle.envs import env_key, make_env, worker_settings
 
 SEED_HIGH = 2**31 - 1  # env.reset seeds are drawn in [0, SEED_HIGH)
@@ -115,9 +115,10 @@ class RLOracle(Oracle):
     def initial_point(self) -> np.ndarray:
         return policies.init_params(self.spec, rng.stream(self.seed, rng.INIT))
 
-    def gradients(self, point: np.ndarray, jobs: Sequence[Job]) -> dict[int, WorkerBatch]:
+    def gradients(self, point: np.ndarray, jobs: Sequence[Job],
+                  should_stop: Callable[[], bool] | None = None) -> dict[int, WorkerBatch]:
         point = self._check_point(point)
-        return self.combine(jobs, [self.run_chunk(point, chunk) for chunk in self.plan(jobs)])
+        return self.combine(jobs, [self.run_tasks([(point, chunk)], should_stop)[0] for chunk in self.plan(jobs)])
 
     def gradients_many(
         self, requests: Sequence[tuple[np.ndarray, Sequence[Job]]]
@@ -214,7 +215,8 @@ class RLOracle(Oracle):
         """Roll out one chunk (jobs sharing an env_key) and return each worker's partial sums."""
         return self.run_tasks([(point, chunk)])[0]
 
-    def run_tasks(self, tasks: Sequence[tuple[np.ndarray, Sequence[Job]]]) -> list[dict[int, WorkerBatch]]:
+    def run_tasks(self, tasks: Sequence[tuple[np.ndarray, Sequence[Job]]],
+                  should_stop: Callable[[], bool] | None = None) -> list[dict[int, WorkerBatch]]:
         """``[run_chunk(point, chunk) for point, chunk in tasks]``, bit for bit, but with the
         trajectories of consecutive tasks that share an env_key rolled out together (each with
         its own point) in batches of up to max(rollout_batch, chunk length) trajectories."""
@@ -230,14 +232,14 @@ class RLOracle(Oracle):
             for i in idx + [None]:
                 n = len(tasks[i][1]) if i is not None else 0
                 if pack and (i is None or size + n > max(self.rollout_batch, len(tasks[pack[0]][1]))):
-                    self._run_pack(key, [tasks[p] for p in pack], pack, results)
+                    self._run_pack(key, [tasks[p] for p in pack], pack, results, should_stop)
                     pack, size = [], 0
                 if i is not None:
                     pack.append(i)
                     size += n
         return results
 
-    def _run_pack(self, key, pack_tasks, positions, results) -> None:
+    def _run_pack(self, key, pack_tasks, positions, results, should_stop=None) -> None:
         """One rollout for the tasks of ``pack_tasks`` (same env_key); fills results[positions]."""
         points = [self._check_point(p) for p, _ in pack_tasks]
         jobs = [jb for _, chunk in pack_tasks for jb in chunk]
@@ -247,7 +249,7 @@ class RLOracle(Oracle):
         else:
             per_row = np.repeat(np.stack(points), [len(c) for _, c in pack_tasks], axis=0)
             params = policies.RowParams.stack(self.spec, per_row)
-        ro = self._rollout(params, key, streams, store=True, greedy=False)
+        ro = self._rollout(params, key, streams, store=True, greedy=False, should_stop=should_stop)
         valid = np.arange(self.horizon)[None, :] < ro.lengths[:, None]  # (B, H)
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is caught below: rejected
             weights = self._weights(ro.rewards)
@@ -322,7 +324,8 @@ class RLOracle(Oracle):
         (g,) = torch.autograd.grad(loss, theta)
         return g.numpy().copy()
 
-    def _rollout(self, params, key: tuple, streams: list, store: bool, greedy: bool) -> Rollout:
+    def _rollout(self, params, key: tuple, streams: list, store: bool, greedy: bool,
+                 should_stop: Callable[[], bool] | None = None) -> Rollout:
         """Batched rollout: one env per trajectory, one numpy policy forward per step for the live ones.
 
         Trajectory b uses only ``streams[b]``: first its reset seed, then its noise for all H steps.
@@ -354,6 +357,8 @@ class RLOracle(Oracle):
         for t in range(H):
             if alive.size == 0:
                 break
+            if should_stop is not None and should_stop():
+                raise Cancelled()  # a real runtime abandons the trajectory within one env step
             if per_row and (live_rows is None or not np.array_equal(live_rows, alive)):
                 live_rows = alive  # gather the live rows' parameters only when the live set changes
                 live_params = params if alive.size == B else params.take(alive)

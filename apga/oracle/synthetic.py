@@ -11,13 +11,13 @@ Used by the tests and theory checks; it plugs into every runtime exactly like th
 from __future__ import annotations
 
 import difflib
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from apga import rng
 from apga.errors import ConfigError
-from apga.oracle.base import Job, Oracle, WorkerBatch
+from apga.oracle.base import Cancelled, Job, Oracle, WorkerBatch
 
 OPTIONS = {"dim": 10, "noise": 1.0, "shift": 0.0, "init_scale": 2.0, "nan_prob": 0.0}
 
@@ -61,9 +61,12 @@ class SyntheticOracle(Oracle):
         x = theta - self.centres[worker]
         return -2 * x / (1 + x**2) ** 2
 
-    def gradients(self, point: np.ndarray, jobs: Sequence[Job]) -> dict[int, WorkerBatch]:
+    def gradients(self, point: np.ndarray, jobs: Sequence[Job],
+                  should_stop: Callable[[], bool] | None = None) -> dict[int, WorkerBatch]:
         out: dict[int, WorkerBatch] = {}
         for worker, job in jobs:
+            if should_stop is not None and should_stop():
+                raise Cancelled()
             g = rng.stream(self.seed, rng.SYNTHETIC_NOISE, worker, job)
             grad = self.true_gradient(point, worker) + self.noise * g.normal(size=self.dim)
             if self.nan_prob and g.random() < self.nan_prob:

@@ -12,16 +12,14 @@ takes part in one gloo AllReduce with the other workers and applies the NIGT ste
 of the NIGT state (AllReduce aggregation).
 
 Cancellation (``algorithm.cancel``): a halted round abandons its in-flight trajectory within one
-environment step (true) or lets it finish and discards it (false). The check runs before every
-``env.step`` of the RL oracle (through :func:`install_step_check`, a wrapper around the envs of
-this process, because :class:`apga.oracle.rl.RLOracle` has no cancellation argument yet), between
-trajectories for other oracles, and inside the injected-delay sleep.
+environment step (true) or lets it finish and discards it (false): the oracle's ``should_stop``
+check runs before every environment step (synthetic oracle: before every gradient), and the
+injected-delay sleep is cut short too.
 """
 from __future__ import annotations
 
 import datetime
 import hashlib
-import inspect
 import os
 import socket
 import threading
@@ -30,66 +28,15 @@ from typing import Callable
 
 import numpy as np
 
-from apga.oracle.base import WorkerBatch
+from apga.oracle.base import Cancelled, WorkerBatch
 from apga.protocol import aggregators as agg
 from apga.protocol.algorithms import reduced_step
 from apga.protocol.nigt import NIGTState, extrapolated_point
 
 
-class Cancelled(Exception):
-    """The in-flight trajectory was abandoned because its round ended."""
-
-
 def digest(x: np.ndarray) -> str:
     """A short fingerprint of a float64 vector's exact bits."""
     return hashlib.blake2b(np.ascontiguousarray(x, dtype=np.float64).tobytes(), digest_size=8).hexdigest()
-
-
-# ----------------------------------------------------------------------------- env-step hook
-_STEP_CHECK: Callable[[], bool] | None = None  # the check of the trajectory in flight (one per process)
-
-
-def install_step_check() -> bool:
-    """Make every env that apga.oracle.rl builds in this process check ``_STEP_CHECK`` before each
-    step (and raise :class:`Cancelled`). Only used in actor processes. Returns False if the RL
-    oracle is not available."""
-    try:
-        import gymnasium as gym
-        from apga.oracle import rl
-    except ImportError:
-        return False
-    if getattr(rl.make_env, "_apga_step_check", False):
-        return True
-    original = rl.make_env
-
-    class StepCheck(gym.Wrapper):
-        def step(self, action):
-            check = _STEP_CHECK
-            if check is not None and check():
-                raise Cancelled()
-            return self.env.step(action)
-
-    def make_env(env_cfg, worker):
-        return StepCheck(original(env_cfg, worker))
-
-    make_env._apga_step_check = True
-    rl.make_env = make_env
-    return True
-
-
-def _accepts_should_stop(fn) -> bool:
-    try:
-        return "should_stop" in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def _rl_has_stop_arg() -> bool:
-    try:
-        from apga.oracle.rl import RLOracle
-    except ImportError:
-        return False
-    return _accepts_should_stop(RLOracle.gradients)
 
 
 def _interface_of(ip: str) -> str | None:
@@ -110,11 +57,7 @@ class WorkerActor:
         self.rule, self.alpha, self.eta = spec["rule"], spec["alpha"], spec["eta"]
         self.times, self.inject, self.cancel = spec["times"], spec["inject"], spec["cancel"]
         self.comm = self.times.comm[worker] if self.inject else 0.0
-        # The RL oracle's own per-step hook if it has one, else the env wrapper (installed before
-        # the oracle builds its environments).
-        self.step_hook = False if _rl_has_stop_arg() else install_step_check()
         self.oracle = spec["oracle_factory"]()
-        self.stop_arg = _accepts_should_stop(self.oracle.gradients)
         self.cv = threading.Condition()
         self.round = -1  # current round id
         self.halted = -1  # the last round halted
@@ -144,7 +87,7 @@ class WorkerActor:
         import ray
         ctx = ray.get_runtime_context()
         return {"worker": self.w, "pid": os.getpid(), "node_id": ctx.get_node_id(),
-                "ip": ray.util.get_node_ip_address(), "step_hook": self.step_hook or self.stop_arg,
+                "ip": ray.util.get_node_ip_address(),
                 "restarted": ctx.was_current_actor_reconstructed}
 
     def set_state(self, state: NIGTState | None) -> str:
@@ -376,23 +319,12 @@ class WorkerActor:
     def _run_job(self, point: np.ndarray, job: int, stop: threading.Event) -> WorkerBatch | None:
         """One trajectory of job (w, job) at ``point``, padded to the time model's compute time
         when delays are injected; None if ``stop`` was set before it finished."""
-        global _STEP_CHECK
         start = time.time()
         target = start + self.times.compute(self.w, job, start - self.origin) if self.inject else start
-        _STEP_CHECK = stop.is_set
-        try:
-            if self.stop_arg:
-                out = self.oracle.gradients(point, [(self.w, job)], should_stop=stop.is_set)
-            else:
-                out = self.oracle.gradients(point, [(self.w, job)])
+        try:  # the oracle checks ``stop`` before every env step: cancellation within one step
+            out = self.oracle.gradients(point, [(self.w, job)], should_stop=stop.is_set)
         except Cancelled:
             return None
-        except Exception as exc:
-            if type(exc).__name__ == "Cancelled":  # the oracle's own cancellation exception
-                return None
-            raise
-        finally:
-            _STEP_CHECK = None
         if out is None or stop.is_set():
             return None
         left = target - time.time()
