@@ -62,6 +62,7 @@ class Simulator:
         self.busy_until = [0.0] * self.n  # cancel: false -> a stale job occupies the worker
         self.totals = Totals()
         self.in_flight: list = []  # AFedPG heap: (arrival at server, worker, job, version, point)
+        self.afedpg_ready: dict = {}  # AFedPG: in-flight gradients computed ahead, by (worker, job)
         # Optional record of every job: (version, worker, job, start, finish, status) with status
         # used | cancelled | discarded. Off by default (it grows with the run); tests turn it on.
         self.trace: list | None = None
@@ -188,8 +189,8 @@ class Simulator:
         in-flight job not computed yet (each at its own point, all already known), in one
         ``gradients_many`` call: a batched rollout, spread over the oracle's processes. Each
         result equals the one-by-one ``gradients(point, [(worker, job)])`` bit for bit; the
-        others wait in ``_afedpg_ready`` (at most one per worker) until their arrival."""
-        ready = self.__dict__.setdefault("_afedpg_ready", {})
+        others wait in ``afedpg_ready`` (at most one per worker) until their arrival."""
+        ready = self.afedpg_ready
         if (worker, job) not in ready:
             todo = [(worker, job, point)] + [(w, j, p) for _, w, j, _, p in sorted(self.in_flight, key=lambda e: e[:3])
                                               if (w, j) not in ready]
