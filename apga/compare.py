@@ -257,7 +257,7 @@ def _deep_validate(cfg, where: str, checked: set) -> None:
             import gymnasium
             if cfg.env.id not in gymnasium.registry:
                 ids = [i for i in gymnasium.registry if not i.startswith(("ALE/", "GymV2", "phys2d", "tabular"))]
-                raise ConfigError(f"env.id: unknown environment {cfg.env.id!r}{cfgmod._did_you_mean(cfg.env.id, ids)}")
+                raise ConfigError(f"env.id: unknown environment {cfg.env.id!r}{cfgmod.did_you_mean(cfg.env.id, ids)}")
         from apga.runtime.timing import TimeModel
         w = cfg.workers
         TimeModel(w.compute_time, w.comm_time, w.allreduce_time, w.n, dim, cfg.seed)
@@ -272,7 +272,7 @@ def load_plan(path: str, out: str, overrides: list | None = None, seeds: int | N
     unknown = [k for k in data if k not in COMPARE_KEYS]
     if unknown:
         k = str(unknown[0])
-        raise ConfigError(f"{path}: unknown key {k!r}{cfgmod._did_you_mean(k, COMPARE_KEYS)}; "
+        raise ConfigError(f"{path}: unknown key {k!r}{cfgmod.did_you_mean(k, COMPARE_KEYS)}; "
                           f"a compare config has {', '.join(COMPARE_KEYS)}")
     where0 = path
     if ("base" in data) == ("base_file" in data):
@@ -331,7 +331,7 @@ def load_plan(path: str, out: str, overrides: list | None = None, seeds: int | N
         svo = _mapping(ov.pop("variants", None), f"{sw}.variants")
         for fam, fov in svo.items():
             if fam not in families:
-                raise _err(f"{sw}.variants", f"unknown variant {fam!r}{cfgmod._did_you_mean(str(fam), families)}; "
+                raise _err(f"{sw}.variants", f"unknown variant {fam!r}{cfgmod.did_you_mean(str(fam), families)}; "
                            f"the variants are {', '.join(families)}")
             _mapping(fov, f"{sw}.variants.{fam}")
         setting_overrides[name] = ov
@@ -360,7 +360,7 @@ def load_plan(path: str, out: str, overrides: list | None = None, seeds: int | N
             elif b in families and sum(f == b for f in fam_of.values()) == 1:
                 baselines.append(next(v for v in expanded if fam_of[v] == b))
             else:
-                raise _err(f"{where0}: baselines", f"{b!r} is not a variant{cfgmod._did_you_mean(str(b), expanded)}; "
+                raise _err(f"{where0}: baselines", f"{b!r} is not a variant{cfgmod.did_you_mean(str(b), expanded)}; "
                            f"choose among {', '.join(expanded)}")
     else:
         baselines = [] if has_grid else list(expanded)
@@ -371,7 +371,7 @@ def load_plan(path: str, out: str, overrides: list | None = None, seeds: int | N
         bad = [o for o in only if o not in settings and o not in fam_of and o not in families]
         if bad:
             raise ConfigError(f"--only {bad[0]!r}: not a setting or variant"
-                              f"{cfgmod._did_you_mean(bad[0], settings + expanded + families)} "
+                              f"{cfgmod.did_you_mean(bad[0], settings + expanded + families)} "
                               f"(settings: {', '.join(settings)}; variants: {', '.join(expanded)})")
         if any(o in settings for o in only):
             selected_settings = [s for s in settings if s in only]

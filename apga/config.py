@@ -151,13 +151,13 @@ def yaml_load(text: str):
     return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
 
 
-def _did_you_mean(word: str, options) -> str:
+def did_you_mean(word: str, options) -> str:
     close = difflib.get_close_matches(word, list(options), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _unknown_key(full: str, key: str, names) -> str:
-    hint = _did_you_mean(key, names)
+    hint = did_you_mean(key, names)
     if not hint:
         hint = f"; known keys here: {', '.join(names)}"
     return f"unknown key {full!r}{hint}"
@@ -328,7 +328,7 @@ def validate(cfg: Config) -> None:
     a, w, e, b = cfg.algorithm, cfg.workers, cfg.env, cfg.budget
     _require(cfg.seed >= 0, "seed", f"must be >= 0, got {cfg.seed}")
     _require(a.name in ALGORITHMS, "algorithm.name",
-             f"unknown algorithm {a.name!r}{_did_you_mean(a.name, ALGORITHMS)}; choose one of {', '.join(ALGORITHMS)}")
+             f"unknown algorithm {a.name!r}{did_you_mean(a.name, ALGORITHMS)}; choose one of {', '.join(ALGORITHMS)}")
     _require(math.isfinite(a.step_size) and a.step_size > 0, "algorithm.step_size", f"alpha must be > 0, got {a.step_size}")
     _require(0 < a.momentum <= 1, "algorithm.momentum", f"eta must be in (0, 1], got {a.momentum}")
     _require(a.batch_size >= 1, "algorithm.batch_size", f"M must be >= 1, got {a.batch_size}")

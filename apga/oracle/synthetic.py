@@ -10,12 +10,12 @@ Used by the tests and theory checks; it plugs into every runtime exactly like th
 """
 from __future__ import annotations
 
-import difflib
 from typing import Callable, Sequence
 
 import numpy as np
 
 from apga import rng
+from apga.config import did_you_mean
 from apga.errors import ConfigError
 from apga.oracle.base import Cancelled, Job, Oracle, WorkerBatch
 
@@ -45,9 +45,8 @@ class SyntheticOracle(Oracle):
     def from_kwargs(cls, n_workers: int, seed: int, kwargs: dict) -> "SyntheticOracle":
         for key in kwargs:
             if key not in OPTIONS:
-                close = difflib.get_close_matches(str(key), list(OPTIONS), n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ConfigError(f"env.kwargs: unknown synthetic option {key!r}{hint}; known: {', '.join(OPTIONS)}")
+                raise ConfigError(f"env.kwargs: unknown synthetic option {key!r}{did_you_mean(str(key), OPTIONS)}; "
+                                  f"known: {', '.join(OPTIONS)}")
         return cls(n_workers, seed, **{**OPTIONS, **kwargs})
 
     def initial_point(self) -> np.ndarray:
