@@ -530,15 +530,9 @@ def run_fraction(run: Run, not_before: float = 0.0) -> float:
     row = _last_row(path)
     if row is None:
         return 0.0
-    b = run.cfg.budget
-    parts = []
-    if b.time is not None:
-        parts.append(row.get("time", 0.0) / b.time)
-    if b.trajectories is not None:
-        parts.append(row.get("trajectories", 0.0) / b.trajectories)
-    if b.iterations is not None:
-        parts.append(row.get("iteration", 0.0) / b.iterations)
-    return float(min(1.0, max(parts))) if parts else 0.0
+    from apga.training import budget_progress
+    done = budget_progress(run.cfg.budget, row.get("time", 0.0), row.get("trajectories", 0.0), row.get("iteration", 0.0))
+    return float(min(1.0, done))
 
 
 class OverallProgress:

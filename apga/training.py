@@ -169,16 +169,20 @@ class EventLog:
             self.fd = None
 
 
-def budget_fraction(cfg: Config, totals, clock: float) -> float:
-    b = cfg.budget
+def budget_progress(budget, time: float, trajectories: float, iterations: float) -> float:
+    """Fraction of the budget used: the largest of the set limits' fractions (1.0 = stop)."""
     parts = []
-    if b.time is not None:
-        parts.append(clock / b.time)
-    if b.trajectories is not None:
-        parts.append(totals.trajectories / b.trajectories)
-    if b.iterations is not None:
-        parts.append(totals.iteration / b.iterations)
-    return max(parts)
+    if budget.time is not None:
+        parts.append(time / budget.time)
+    if budget.trajectories is not None:
+        parts.append(trajectories / budget.trajectories)
+    if budget.iterations is not None:
+        parts.append(iterations / budget.iterations)
+    return max(parts) if parts else 0.0
+
+
+def budget_fraction(cfg: Config, totals, clock: float) -> float:
+    return budget_progress(cfg.budget, clock, totals.trajectories, totals.iteration)
 
 
 def _fmt(v) -> str:
