@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from apga.errors import ApgaError
@@ -48,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
                 "compare": "; run the same command again to resume"}.get(args.command, "")
         sys.stderr.write(f"apga: interrupted{hint}\n")
         return 130
+    except BrokenPipeError:
+        # Whoever read our stdout has gone (`apga compare ... | head`): what was written is
+        # complete on disk; stop quietly, without a second error when Python flushes at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -427,6 +427,10 @@ def run_state(run: Run) -> tuple[str, str]:
         old = cfgmod.read_yaml(cfg_path)
     except ConfigError as exc:
         return "changed", f"unreadable config.yaml ({exc})"
+    try:
+        old = cfgmod.with_defaults(old)  # keys added to the schema since the run are no change
+    except ConfigError:
+        pass  # e.g. a key removed since: the comparison below names it
     new = _normalise(run.resolved)
     if _normalise(old) != new:
         return "changed", _first_difference(_normalise(old), new)
@@ -681,6 +685,26 @@ def _mean_or_none(values):
     return float(np.mean(values)) if values else None
 
 
+ROBUSTNESS_FRACTIONS = (0.5, 0.75)  # summary.md also times these fractions of the way
+
+
+def _median_time(values: list) -> float | None:
+    """Median over all seeds with "never reached" counted as infinitely late (None if that is)."""
+    if not values:
+        return None
+    m = float(np.median([math.inf if t is None else t for t in values]))
+    return None if math.isinf(m) else m
+
+
+def _times_to(results_sv: list, threshold: float) -> list:
+    """Per seed: the simulated time of the first evaluation at or above ``threshold`` (or None)."""
+    out = []
+    for _, rows in results_sv:
+        hit = np.nonzero(rows["eval_return"] >= threshold)[0]
+        out.append(float(rows["time"][hit[0]]) if len(hit) else None)
+    return out
+
+
 def summarise(plan: Plan, results: dict) -> dict:
     """The numbers of summary.md / summary.json, per setting and variant."""
     out = {"config": plan.path, "title": plan.title, "seeds": plan.seeds, "baselines": plan.baselines,
@@ -720,6 +744,14 @@ def summarise(plan: Plan, results: dict) -> dict:
             stats[v]["to_threshold"] = {
                 "reached": sum(t is not None for t in reach["time"]), "n": len(reach["time"]),
                 **{key: {"mean": _mean_or_none(vals), "values": vals} for key, vals in reach.items()}}
+            stats[v]["to_threshold"]["time"]["median"] = _median_time(reach["time"])
+            if kind == "fraction":  # the same timing a little lower on the curve: robustness
+                stats[v]["robustness"] = {}
+                for f in sorted(set(ROBUSTNESS_FRACTIONS) | {x}):
+                    ts = _times_to(results[(s, v)], initial + f * (best - initial))
+                    stats[v]["robustness"][repr(f)] = {
+                        "threshold": initial + f * (best - initial), "values": ts, "mean": _mean_or_none(ts),
+                        "median": _median_time(ts), "reached": sum(t is not None for t in ts)}
             stats[v]["end_time"] = float(min(rows["time"][-1] for _, rows in results[(s, v)]))
         for v in present:
             sp = {}
@@ -827,7 +859,8 @@ def write_summary_md(plan: Plan, summary: dict, picked: dict | None, path: str, 
          f"runs in `<setting>/<variant>/seed<k>/`.", "",
          "- **final return**: the last evaluation of each run; mean over seeds and the 20 % / 80 % percentiles.",
          "- **time to threshold**: the first simulated time at which an evaluation reached the threshold, "
-         "mean over the seeds that reached it (reached = how many).",
+         "mean over the seeds that reached it (reached = how many); **median**: over all seeds, a seed "
+         "that never reached it counting as infinitely late (— if that is the median).",
          "- **speed-up vs B**: B's mean time to threshold / this method's; `>x`: B never reached the threshold "
          "within its budget, so the speed-up is at least x; —: not defined (a method did not reach it).",
          "- **AUC**: the mean eval return over [0, T] (step-wise hold), T = the shortest run of the setting.", "",
@@ -843,14 +876,14 @@ def write_summary_md(plan: Plan, summary: dict, picked: dict | None, path: str, 
             why = "set in the config"
         L += [f"## {s}", "", f"Threshold: **{st['threshold']:.4g}** ({why}).", ""]
         bls = [b for b in plan.baselines if b in st["variants"]]
-        head = ["method", "seeds", "final mean", "20 %", "80 %", "AUC", "time to threshold", "reached"]
+        head = ["method", "seeds", "final mean", "20 %", "80 %", "AUC", "time to threshold", "median", "reached"]
         head += [f"speed-up vs {b}" for b in bls]
         L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for v, vs in st["variants"].items():
             tt = vs["to_threshold"]
             row = [f"`{v}`", str(len(vs["seeds"])), _num(vs["final"]["mean"]), _num(vs["final"]["p20"]),
                    _num(vs["final"]["p80"]), _num(vs["auc"]["mean"]), _num(tt["time"]["mean"]),
-                   f"{tt['reached']}/{tt['n']}"]
+                   _num(tt["time"].get("median")), f"{tt['reached']}/{tt['n']}"]
             for b in bls:
                 sp = vs["speedup"].get(b, {})
                 if sp.get("ratio") is not None:
@@ -861,6 +894,19 @@ def write_summary_md(plan: Plan, summary: dict, picked: dict | None, path: str, 
                     row.append("—")
             L.append("| " + " | ".join(row) + " |")
         L.append("")
+        rob = {v: vs["robustness"] for v, vs in st["variants"].items() if "robustness" in vs}
+        if rob:
+            fracs = list(next(iter(rob.values())))
+            first = next(iter(rob.values()))
+            L += ["Time to other fractions of the way (robustness of the timing): mean over the seeds "
+                  "that reached it (reached) / median over all seeds.", "",
+                  "| method | " + " | ".join(f"{float(f) * 100:g} % ({first[f]['threshold']:.4g})" for f in fracs) + " |",
+                  "|---|" + "---|" * len(fracs)]
+            for v, r in rob.items():
+                L.append(f"| `{v}` | " + " | ".join(
+                    f"{_num(r[f]['mean'])} ({r[f]['reached']}/{len(r[f]['values'])}) / {_num(r[f]['median'])}"
+                    for f in fracs) + " |")
+            L.append("")
         if picked and s in picked["chosen"]:
             L += [f"Tuning ({picked['metric']} eval return, mean over seeds; **picked** in bold):", "",
                   "| method | candidate | score |", "|---|---|---|"]

@@ -75,6 +75,11 @@ class WorkersConfig:
 class RuntimeConfig:
     name: str = "sim"  # sim | ray
     processes: int = 1  # rollout processes for the simulator (0 = one per core)
+    # Which random stream a round's trajectory draws from: job = (seed, worker, job index);
+    # round = (seed, worker, round, index in the round), so methods whose schedules coincide
+    # draw the same trajectories (common random numbers: paired, less noisy comparisons).
+    # AFedPG has no rounds and always uses job.
+    streams: str = "job"
     address: str | None = None  # ray: join an existing cluster (ray start); null = local
     inject_delays: bool = False  # ray: pad each trajectory to workers.compute_time real seconds
     worker_timeout: float = 120.0  # ray: seconds to wait for a crashed worker to come back
@@ -231,6 +236,12 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def with_defaults(data: dict) -> dict:
+    """A resolved config as written by an earlier apga, with keys added to the schema since then
+    filled by their defaults: a run is compared by meaning, not by the schema it was written with."""
+    return to_dict(from_dict(data))
+
+
 def _override_target(item: str, parts: list[str]) -> None:
     """Check that every part of a ``--set`` path but the last names a section of the schema."""
     tp: Any = Config
@@ -352,6 +363,8 @@ def validate(cfg: Config) -> None:
     _require(cfg.policy.rollout_batch >= 1, "policy.rollout_batch",
              f"must be >= 1, got {cfg.policy.rollout_batch}")
     _require(cfg.runtime.name in ("sim", "ray"), "runtime.name", f"must be sim or ray, got {cfg.runtime.name!r}")
+    _require(cfg.runtime.streams in ("job", "round"), "runtime.streams",
+             f"must be job or round, got {cfg.runtime.streams!r}")
     _require(cfg.runtime.max_restarts >= 0, "runtime.max_restarts", f"must be >= 0, got {cfg.runtime.max_restarts}")
     _require(math.isfinite(cfg.runtime.worker_timeout) and cfg.runtime.worker_timeout > 0, "runtime.worker_timeout",
              f"must be a finite number of seconds > 0, got {cfg.runtime.worker_timeout}")

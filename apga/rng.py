@@ -24,6 +24,15 @@ def stream(seed: int, purpose: int, worker: int = 0, job: int = 0) -> np.random.
     return np.random.Generator(np.random.Philox(key=key, counter=counter))
 
 
+def round_sample(round_index: int, index: int) -> int:
+    """The job key of a round's ``index``-th trajectory on a worker under ``runtime.streams:
+    round``: it depends on the round and the position in it, not on how many jobs the worker
+    started before (cancelled ones included), so equal schedules draw equal trajectories."""
+    if not (0 <= index < 2**32 and 0 <= round_index < 2**31):
+        raise ValueError(f"round sample key out of range: round {round_index}, index {index}")
+    return (1 << 63) | (round_index << 32) | index  # top bit: never equal to a plain job index
+
+
 def seed_int(seed: int, purpose: int, worker: int = 0, job: int = 0) -> int:
     """A 31-bit integer seed for libraries that want one (Gymnasium env.reset)."""
     return int(stream(seed, purpose, worker, job).integers(0, 2**31 - 1))

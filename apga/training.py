@@ -78,7 +78,7 @@ def build_runtime(cfg: Config, oracle):
                          a.batch_size, a.init_batch_size, a.step_schedule)
     if cfg.runtime.name == "sim":
         from apga.runtime.simulator import Simulator
-        return Simulator(alg, oracle, times, a.aggregation, a.cancel)
+        return Simulator(alg, oracle, times, a.aggregation, a.cancel, cfg.runtime.streams)
     try:
         from apga.runtime.ray_runtime import RayRuntime  # noqa: WPS433 (optional dependency)
     except ModuleNotFoundError as exc:
@@ -359,7 +359,11 @@ class Trainer:
             raise ApgaError(f"--resume {out_dir!r}: checkpoint.pkl was written by another apga version; "
                             "start a new run")
         # compared as YAML text, so that a NaN somewhere (e.g. in env.kwargs) equals itself
-        if yaml.safe_dump(state["resolved"]) != yaml.safe_dump(cfgmod.to_dict(self.cfg)):
+        try:
+            started_with = cfgmod.with_defaults(state["resolved"])
+        except ConfigError:
+            started_with = state["resolved"]
+        if yaml.safe_dump(started_with) != yaml.safe_dump(cfgmod.to_dict(self.cfg)):
             raise ConfigError(f"--resume {out_dir!r}: config.yaml was edited after the run started; "
                               "restore it, or start a new run with the new config")
         size = os.path.getsize(self.metrics_path) if os.path.isfile(self.metrics_path) else -1

@@ -124,6 +124,19 @@ def test_summary_numbers_match_recomputation(done):
         assert f"{np.mean(finals[v]):.4g}" in line and f"{len(reached)}/2" in line
         if reached:
             assert f"{times[v]:.4g}" in line
+        # median over both seeds, "never" = infinitely late
+        with_inf = [math.inf if t is None else t for t in hits]
+        median = float(np.median(with_inf))
+        assert got["to_threshold"]["time"]["median"] == (None if math.isinf(median) else pytest.approx(median, rel=1e-12))
+        # the robustness fractions are the same rule at another threshold
+        for frac in (0.5, 0.75, 0.9):
+            thr = initial + frac * (best - initial)
+            at = [next((float(r["time"]) for r in ev[(v, k)] if float(r["eval_return"]) >= thr), None) for k in SEEDS]
+            rob = got["robustness"][repr(frac)]
+            assert rob["threshold"] == pytest.approx(thr, rel=1e-12) and rob["values"] == at
+            assert rob["reached"] == sum(t is not None for t in at)
+        assert got["robustness"]["0.5"]["reached"] >= got["robustness"]["0.9"]["reached"]
+    assert "| method | 50 % (" in md
     assert any(t is not None for t in times.values())  # the best method reaches 90 % of its own progress
     for v in VARIANTS:
         sp = s["variants"][v]["speedup"]["afedpg"]
@@ -241,3 +254,23 @@ def test_shipped_compare_configs_are_valid():
     for path in files:
         plan = cmp.load_plan(path, "unused")
         assert plan.runs, path
+
+
+def test_a_run_from_before_a_new_config_key_still_counts_as_finished(done, tmp_path):
+    """Keys added to the schema later (here runtime.streams) are filled by their defaults when a
+    finished run's config.yaml is compared with the plan: no --force, no re-run."""
+    import shutil
+    cfg, out = done
+    plan = cmp.load_plan(cfg, out)
+    run = plan.runs[0]
+    copy = tmp_path / "old"
+    shutil.copytree(run.out_dir, copy)
+    old = yaml.safe_load((copy / "config.yaml").read_text())
+    del old["runtime"]["streams"]
+    (copy / "config.yaml").write_text(yaml.safe_dump(old))
+    moved = cmp.Run(run.setting, run.variant, run.family, run.seed, run.cfg, run.resolved, str(copy))
+    assert cmp.run_state(moved) == ("finished", "")
+    old["algorithm"]["step_size"] = 0.5  # a real change is still one
+    (copy / "config.yaml").write_text(yaml.safe_dump(old))
+    state, detail = cmp.run_state(moved)
+    assert state == "changed" and "algorithm.step_size" in detail

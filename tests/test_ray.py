@@ -49,7 +49,7 @@ def config(name="rennala_nigt", aggregation="server", env="CartPole-v1", n=2, **
 
 
 def simulator_for(cfg):
-    sim_cfg = load_config({**_as_dict(cfg), "runtime": {"name": "sim"}})
+    sim_cfg = load_config({**_as_dict(cfg), "runtime": {"name": "sim", "streams": cfg.runtime.streams}})
     oracle = build_oracle(sim_cfg)
     return build_runtime(sim_cfg, oracle), oracle
 
@@ -116,6 +116,8 @@ class TestLocal:
         sync_nigt assigns jobs deterministically: its iterates equal the simulator's bit for bit.
         (AFedPG runs in the Trainer test below.)"""
         cfg = config(name, aggregation)
+        if name == "sync_nigt" and aggregation == "allreduce":
+            cfg.runtime.streams = "round"  # the actors key trajectories as the simulator does
         oracle = build_oracle(cfg)
         rt = build_runtime(cfg, oracle)
         assert isinstance(rt, RayRuntime)

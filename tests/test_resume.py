@@ -278,6 +278,36 @@ def test_resume_after_keyboard_interrupt(references, tmp_path, monkeypatch):
     finish_in_process(out, ref, ref_dir)
 
 
+def test_resume_of_a_run_started_before_a_config_key_existed(references, tmp_path, monkeypatch):
+    """A run written by an apga without ``runtime.streams`` (config.yaml, the checkpoint's resolved
+    config and its pickled simulator all lack it) resumes: the new key takes its default."""
+    from apga.runtime.simulator import Simulator
+    cfg_path, ref, ref_dir = references("rennala_server_cancel")
+    real_step, fired = Simulator.step, []
+
+    def step(self):
+        if self.totals.iteration == 100 and not fired:
+            fired.append(1)
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    monkeypatch.setattr(Simulator, "step", step)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run_train(apga.load_config(cfg_path), str(out), progress=False)
+    monkeypatch.undo()
+    doc = yaml.safe_load(read(out / "config.yaml"))
+    del doc["runtime"]["streams"]
+    (out / "config.yaml").write_text(yaml.safe_dump(doc))
+    with open(out / "checkpoint.pkl", "rb") as f:
+        state = pickle.load(f)
+    del state["resolved"]["runtime"]["streams"]
+    del state["runtime"].__dict__["streams"]
+    with open(out / "checkpoint.pkl", "wb") as f:
+        pickle.dump(state, f)
+    finish_in_process(out, ref, ref_dir)
+
+
 @pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(apga.__file__), "oracle", "rl.py")),
                     reason="needs the RL oracle")
 def test_resume_cartpole(tmp_path, monkeypatch):

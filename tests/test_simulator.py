@@ -18,12 +18,12 @@ RANDOM_H = [list(RNG.uniform(0.1, 5.0, size=n)) for n in (1, 2, 3, 5, 8, 13)] + 
 
 
 def make_sim(name, h, M=8, comm=0.0, allreduce=None, aggregation="server", cancel=True, seed=0,
-             compute=None, dim=4, step_size=0.05, momentum=0.5, shift=0.0, noise=1.0):
+             compute=None, dim=4, step_size=0.05, momentum=0.5, shift=0.0, noise=1.0, streams="job"):
     n = len(h)
     oracle = SyntheticOracle(n, seed, dim=dim, noise=noise, shift=shift)
     times = TimeModel(compute if compute is not None else list(h), comm, allreduce, n, oracle.dim, seed)
     alg = make_algorithm(name, n, oracle.initial_point(), step_size, momentum, M)
-    return Simulator(alg, oracle, times, aggregation, cancel)
+    return Simulator(alg, oracle, times, aggregation, cancel, streams)
 
 
 def brute_rennala(h, M):
@@ -209,6 +209,36 @@ def test_same_seed_gives_identical_events(name):
     a, b, c = run(1), run(1), run(2)
     assert a[0] == b[0] and np.array_equal(a[1], b[1]) and a[2] == b[2]
     assert a[0] != c[0]
+
+
+def test_round_streams_give_equal_schedules_equal_samples():
+    """At equal times Rennala and synchronous NIGT run the same schedule (each worker computes
+    M/n gradients per round); Rennala's extra jobs, cancelled at each stop, use up
+    job indices. Keyed by job, the two then draw different noise from round 2 on; keyed by
+    (round, index in round) they are the same run: common random numbers."""
+    def run(name, streams):
+        sim = make_sim(name, [1.0] * 4, M=8, comm=0.25, seed=3, streams=streams)
+        clocks = []
+        for _ in range(6):
+            sim.step()
+            clocks.append(sim.clock)
+        return sim, clocks
+    (ren, ren_clock), (syn, syn_clock) = run("rennala_nigt", "round"), run("sync_nigt", "round")
+    assert ren_clock == syn_clock
+    assert ren.next_job != syn.next_job  # Rennala started (and dropped) extra jobs
+    np.testing.assert_array_equal(ren.alg.theta, syn.alg.theta)
+    (ren_j, _), (syn_j, _) = run("rennala_nigt", "job"), run("sync_nigt", "job")
+    assert not np.array_equal(ren_j.alg.theta, syn_j.alg.theta)
+    # the schedule (clock, counts) does not depend on the streams; the first round is the same
+    assert ren_j.clock == ren.clock and ren_j.totals.trajectories == ren.totals.trajectories
+
+
+def test_round_sample_keys_never_meet_job_keys():
+    from apga.rng import round_sample
+    keys = {round_sample(r, k) for r in range(50) for k in range(50)}
+    assert len(keys) == 2500 and min(keys) >= 2**63
+    with pytest.raises(ValueError):
+        round_sample(0, 2**32)
 
 
 @pytest.mark.parametrize("dist", ["exponential", "uniform", "gamma", "lognormal"])

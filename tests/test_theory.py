@@ -328,3 +328,15 @@ def test_cli_bad_options(capsys, argv, option):
     err = captured.err.strip()
     assert len(err.splitlines()) == 1 and option in err and "Traceback" not in err
     assert captured.out == ""
+
+
+def test_closed_stdout_ends_quietly():
+    """`apga theory | head -0`: the reader has gone before the first line (closed while the child
+    is still importing); no traceback, SIGPIPE's exit status."""
+    import subprocess
+    import sys
+    proc = subprocess.Popen([sys.executable, "-m", "apga", "theory"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141 and err == ""

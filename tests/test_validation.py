@@ -188,6 +188,7 @@ def test_wrong_types(capsys, work, patch, words):
     ("algorithm: {aggregation: ring}", ["algorithm.aggregation", "server or allreduce"]),
     ("algorithm: {step_schedule: cosine}", ["algorithm.step_schedule", "constant or delay"]),
     ("runtime: {name: cluster}", ["runtime.name", "sim or ray"]),
+    ("runtime: {streams: episode}", ["runtime.streams", "job or round"]),
     ("budget: {time: .nan, iterations: null}", ["budget.time", "finite"]),
     ("budget: {time: -5}", ["budget.time", "> 0"]),
     ("budget: {iterations: 0}", ["budget.iterations", "> 0"]),

@@ -307,13 +307,15 @@ class RayRuntime:
         point_digest = digest(point)
         point_arg = ray.put(point) if server else None  # once per round, every worker gets the ref
         limits = [self._limit(w) for w in range(n)]
+        # runtime.streams: round keys trajectories by (update, index in round), as the simulator
+        sample_round = alg.version if self.cfg.runtime.streams == "round" else None
         t_start, restarts0 = self._now(), self.restarts
         counts, seen = [0] * n, [0] * n
         self._calls = {ref: c for ref, c in self._calls.items() if c[0] == "ready"}
 
         def begin(w: int) -> None:
             self._call("begin", w, self._actors[w].begin.remote(r, point_arg, self.next_job[w], limits[w],
-                                                                self._origin, self.cancel))
+                                                                self._origin, self.cancel, sample_round))
             self._call("progress", w, self._actors[w].progress.remote(r, 0, POLL))
             if server:
                 self.totals.vector_comms += 1  # the download of the point

@@ -32,6 +32,7 @@ from apga.oracle.base import Cancelled, WorkerBatch
 from apga.protocol import aggregators as agg
 from apga.protocol.algorithms import reduced_step
 from apga.protocol.nigt import NIGTState, extrapolated_point
+from apga.rng import round_sample
 
 
 def digest(x: np.ndarray) -> str:
@@ -66,6 +67,7 @@ class WorkerActor:
         self.point_digest = ""
         self.limit: int | None = None  # jobs to start in the round at most (sync quota)
         self.started = 0  # jobs started in the current round
+        self.sample_round: int | None = None  # runtime.streams: round -> keys of this round's trajectories
         self.next_job = 0  # the next job index of this worker (the driver sets it at begin)
         self.not_before = 0.0  # injected download: the round's first job starts then (epoch s)
         self.origin = time.time()  # epoch of the run clock (for time models that depend on it)
@@ -97,9 +99,12 @@ class WorkerActor:
         return digest(state.theta) if state is not None else ""
 
     # ------------------------------------------------------------------ rounds
-    def begin(self, r: int, point, first_job: int, limit: int | None, origin: float, cancel: bool) -> None:
+    def begin(self, r: int, point, first_job: int, limit: int | None, origin: float, cancel: bool,
+              sample_round: int | None = None) -> None:
         """Start round ``r`` at ``point`` (None: the extrapolated point of this worker's NIGT copy)
-        with job indices first_job, first_job + 1, ...; ``cancel``: what its halt does."""
+        with job indices first_job, first_job + 1, ...; ``cancel``: what its halt does.
+        ``sample_round`` (runtime.streams: round): trajectories are keyed by (sample_round, index
+        in the round) instead of by job index."""
         with self.cv:
             if r <= self.round:
                 return  # stale or repeated
@@ -111,6 +116,7 @@ class WorkerActor:
                 point = extrapolated_point(self.nigt, self.eta)
             self.round, self.point, self.point_digest = r, np.asarray(point), digest(point)
             self.results, self.started, self.next_job = [], 0, first_job
+            self.sample_round = sample_round
             # A halt of this round may overtake its begin (call threads run concurrently).
             self.limit, self.origin, self.active = limit, origin, r > self.halted
             self.not_before = time.time() + self.comm
@@ -294,6 +300,7 @@ class WorkerActor:
                 if self.closing:
                     return
                 r, point, job = self.round, self.point, self.next_job
+                sample = job if self.sample_round is None else round_sample(self.sample_round, self.started)
                 self.next_job += 1
                 self.started += 1
                 stop = threading.Event()
@@ -302,7 +309,7 @@ class WorkerActor:
             batch = None
             try:
                 if wait <= 0 or not stop.wait(wait):  # injected download of the round's point
-                    batch = self._run_job(point, job, stop)
+                    batch = self._run_job(point, job, stop, sample)
             except Exception as exc:  # a bug or a broken env: reported to the driver, which stops
                 import traceback
                 with self.cv:
@@ -316,13 +323,16 @@ class WorkerActor:
                         self.results.append(batch)
                 self.cv.notify_all()
 
-    def _run_job(self, point: np.ndarray, job: int, stop: threading.Event) -> WorkerBatch | None:
-        """One trajectory of job (w, job) at ``point``, padded to the time model's compute time
-        when delays are injected; None if ``stop`` was set before it finished."""
+    def _run_job(self, point: np.ndarray, job: int, stop: threading.Event,
+                 sample: int | None = None) -> WorkerBatch | None:
+        """One trajectory of job (w, job) at ``point``, drawn from the stream of ``sample``
+        (default: the job index), padded to the time model's compute time when delays are
+        injected; None if ``stop`` was set before it finished."""
         start = time.time()
         target = start + self.times.compute(self.w, job, start - self.origin) if self.inject else start
         try:  # the oracle checks ``stop`` before every env step: cancellation within one step
-            out = self.oracle.gradients(point, [(self.w, job)], should_stop=stop.is_set)
+            out = self.oracle.gradients(point, [(self.w, job if sample is None else sample)],
+                                        should_stop=stop.is_set)
         except Cancelled:
             return None
         if out is None or stop.is_set():

@@ -24,6 +24,7 @@ import numpy as np
 
 from apga.oracle.base import Oracle, WorkerBatch
 from apga.protocol.algorithms import AFedPG, RoundAlgorithm, Update
+from apga.rng import round_sample
 from apga.runtime.timing import TimeModel
 
 
@@ -50,13 +51,15 @@ class Event:
 
 
 class Simulator:
+    streams = "job"  # class default: checkpoints written before runtime.streams existed
     def __init__(self, algorithm, oracle: Oracle, times: TimeModel, aggregation: str = "server",
-                 cancel: bool = True):
+                 cancel: bool = True, streams: str = "job"):
         if isinstance(algorithm, AFedPG) and aggregation != "server":
             raise ValueError("AFedPG has no AllReduce form: use aggregation: server")
         self.alg = algorithm
         self.n = algorithm.n
         self.aggregation, self.cancel = aggregation, cancel
+        self.streams = streams  # job | round: what keys a round's trajectories (config.runtime.streams)
         self.clock = 0.0
         self.next_job = [0] * self.n  # job counter per worker: keys the random streams
         self.busy_until = [0.0] * self.n  # cancel: false -> a stale job occupies the worker
@@ -108,6 +111,7 @@ class Simulator:
         # A worker's back-to-back jobs finish at begin_i + (d_1 + ... + d_k), the sum taken exactly
         # (as a Fraction) so that k equal durations end at exactly begin_i + k*h_i, as in theory.
         begin = [max(t0 + (comm[i] if server else 0.0), self.busy_until[i]) for i in range(n)]
+        first_job = list(self.next_job)  # a worker's jobs of this round are consecutive from here
         elapsed = [Fraction(0)] * n
         heap = []
         for i in range(n):
@@ -154,6 +158,8 @@ class Simulator:
         else:
             done = stop + self.times.allreduce
             self.totals.vector_comms += 1
+        if self.streams == "round":
+            used = [(i, round_sample(alg.version, job - first_job[i])) for i, job in used]
         batches = self.oracle.gradients(alg.round_point(), used)
         update = alg.finish_round(batches)
         self.clock = done
