@@ -834,14 +834,15 @@ def plot(plan: Plan, results: dict, out: str) -> list:
                 lo, hi = np.percentile(curves, 20, axis=0), np.percentile(curves, 80, axis=0)
                 ax.plot(xs, mean, color=colours[v], lw=1.6, label=f"{v} ({len(seeds)} seeds)")
                 ax.fill_between(xs, lo, hi, color=colours[v], alpha=0.2, lw=0)
-            ax.set_title(s if len(plan.settings) > 1 or s != DEFAULT_SETTING else textwrap.fill(plan.title, 70),
+            ax.set_title(s if len(plan.settings) > 1 or s != DEFAULT_SETTING else textwrap.fill(plan.title, 57),
                          fontsize=10)
             ax.set_xlabel(label)
             ax.set_ylabel("eval return")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
         if len(plan.settings) > 1 or plan.settings[0] != DEFAULT_SETTING:
-            fig.suptitle(textwrap.fill(f"{plan.title}: mean and 20-80 % band over seeds", 40 + 50 * ncol),
+            # about 11 characters per inch of figure width at this font size: wrap, never cut
+            fig.suptitle(textwrap.fill(f"{plan.title}: mean and 20-80 % band over seeds", int(11 * 5.2 * ncol)),
                          fontsize=11)
         fig.tight_layout()
         buf = io.BytesIO()
