@@ -49,7 +49,9 @@ class Cancelled(Exception):
     wanted (a real runtime abandoning a trajectory when its round ends)."""
 
 
-Job = tuple[int, int]  # (worker, job index); job indices count each worker's started jobs from 0
+# (worker, job key): by default the job index (each worker's started jobs counted from 0); under
+# runtime.streams: round, rng.round_sample(round, index in the round). The oracle only keys streams.
+Job = tuple[int, int]
 
 
 class Oracle(ABC):
