@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -29,6 +30,8 @@ OBJECT_STORE_BYTES = 256 * 1024 * 1024  # vectors are small; do not reserve 30 %
 # Ray replaces a node IP of 127.0.0.1 by the machine's routable IP unless "clusters" are disabled
 # (ray._private.ray_constants.ENABLE_RAY_CLUSTER, read from this variable at import).
 _CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+_RAY_PROCESS = re.compile(r"raylet|gcs_server|^ray::|default_worker|dashboard|runtime_env")
+SHUTDOWN_GRACE = 5.0  # seconds Ray's processes get to exit by themselves before they are killed
 
 
 def _import_ray():
@@ -65,10 +68,15 @@ class Session:
 
     def close(self) -> None:
         import ray
+        # A worker process busy at shutdown (e.g. still importing torch on a loaded machine) can
+        # outlive its raylet by minutes, reparented to init; note the session's processes first,
+        # so that they can be reaped after the shutdown.
+        procs = ray_processes() if self.owned else []
         try:
             if ray.is_initialized():
                 ray.shutdown()
         finally:
+            _reap(procs)
             if self.temp_dir:
                 shutil.rmtree(self.temp_dir, ignore_errors=True)
                 self.temp_dir = None
@@ -166,6 +174,32 @@ def session_processes(root_pid: int | None = None):
     psutil = _psutil()
     root = psutil.Process(root_pid or os.getpid())
     return [root] + root.children(recursive=True)
+
+
+def is_ray_process(p) -> bool:
+    try:
+        return bool(_RAY_PROCESS.search(p.name() + " " + " ".join(p.cmdline())))
+    except Exception:  # gone, zombie or not ours
+        return False
+
+
+def ray_processes(root_pid: int | None = None):
+    """The Ray processes (GCS, raylets, agents, workers, actors) started by this process."""
+    return [p for p in session_processes(root_pid)[1:] if is_ray_process(p)]
+
+
+def _reap(procs, grace: float = SHUTDOWN_GRACE) -> None:
+    """Wait up to ``grace`` seconds for ``procs`` to exit, then kill the ones still running."""
+    if not procs:
+        return
+    psutil = _psutil()
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=grace)
 
 
 def inet_sockets(processes) -> list[dict]:
