@@ -52,6 +52,7 @@ class Event:
 
 class Simulator:
     streams = "job"  # class default: checkpoints written before runtime.streams existed
+
     def __init__(self, algorithm, oracle: Oracle, times: TimeModel, aggregation: str = "server",
                  cancel: bool = True, streams: str = "job"):
         if isinstance(algorithm, AFedPG) and aggregation != "server":
