@@ -258,22 +258,28 @@ def test_kill_before_first_checkpoint_then_repeated_resume(references, tmp_path)
     finish_in_process(out, ref, ref_dir)  # resuming a finished run changes nothing
 
 
-def test_resume_after_keyboard_interrupt(references, tmp_path, monkeypatch):
-    """An in-process interruption (Ctrl-C) at an update that is not a checkpoint."""
+def train_until_interrupted(monkeypatch, cfg, out, iteration: int) -> None:
+    """Train ``cfg`` into ``out`` in-process; the simulator raises KeyboardInterrupt (as Ctrl-C
+    would) once, before update ``iteration``."""
     from apga.runtime.simulator import Simulator
-    cfg_path, ref, ref_dir = references("afedpg_delay")
     real_step, fired = Simulator.step, []
 
     def step(self):
-        if self.totals.iteration == 333 and not fired:
+        if self.totals.iteration == iteration and not fired:
             fired.append(1)
             raise KeyboardInterrupt
         return real_step(self)
 
     monkeypatch.setattr(Simulator, "step", step)
-    out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        run_train(apga.load_config(cfg_path), str(out), progress=False)
+        run_train(apga.load_config(cfg), str(out), progress=False)
+
+
+def test_resume_after_keyboard_interrupt(references, tmp_path, monkeypatch):
+    """An in-process interruption (Ctrl-C) at an update that is not a checkpoint."""
+    cfg_path, ref, ref_dir = references("afedpg_delay")
+    out = tmp_path / "run"
+    train_until_interrupted(monkeypatch, cfg_path, out, 333)
     assert yaml.safe_load(read(out / "summary.json"))["status"] == "running"
     finish_in_process(out, ref, ref_dir)
 
@@ -281,20 +287,9 @@ def test_resume_after_keyboard_interrupt(references, tmp_path, monkeypatch):
 def test_resume_of_a_run_started_before_a_config_key_existed(references, tmp_path, monkeypatch):
     """A run written by an apga without ``runtime.streams`` (config.yaml, the checkpoint's resolved
     config and its pickled simulator all lack it) resumes: the new key takes its default."""
-    from apga.runtime.simulator import Simulator
     cfg_path, ref, ref_dir = references("rennala_server_cancel")
-    real_step, fired = Simulator.step, []
-
-    def step(self):
-        if self.totals.iteration == 100 and not fired:
-            fired.append(1)
-            raise KeyboardInterrupt
-        return real_step(self)
-
-    monkeypatch.setattr(Simulator, "step", step)
     out = tmp_path / "run"
-    with pytest.raises(KeyboardInterrupt):
-        run_train(apga.load_config(cfg_path), str(out), progress=False)
+    train_until_interrupted(monkeypatch, cfg_path, out, 100)
     monkeypatch.undo()
     doc = yaml.safe_load(read(out / "config.yaml"))
     del doc["runtime"]["streams"]
@@ -312,7 +307,6 @@ def test_resume_of_a_run_started_before_a_config_key_existed(references, tmp_pat
                     reason="needs the RL oracle")
 def test_resume_cartpole(tmp_path, monkeypatch):
     """The Gymnasium oracle resumes exactly too (interrupted in-process, between checkpoints)."""
-    from apga.runtime.simulator import Simulator
     cfg = {"seed": 2, "env": {"id": "CartPole-v1", "horizon": 40},
            "policy": {"hidden": [8], "rollout_batch": 8},
            "algorithm": {"name": "afedpg", "step_size": 0.05},
@@ -321,18 +315,8 @@ def test_resume_cartpole(tmp_path, monkeypatch):
     ref_dir = tmp_path / "ref"
     run_train(apga.load_config(cfg), str(ref_dir), progress=False)
     ref = read(ref_dir / "metrics.csv")
-    real_step, fired = Simulator.step, []
-
-    def step(self):
-        if self.totals.iteration == 22 and not fired:
-            fired.append(1)
-            raise KeyboardInterrupt
-        return real_step(self)
-
-    monkeypatch.setattr(Simulator, "step", step)
     out = tmp_path / "run"
-    with pytest.raises(KeyboardInterrupt):
-        run_train(apga.load_config(cfg), str(out), progress=False)
+    train_until_interrupted(monkeypatch, cfg, out, 22)
     finish_in_process(out, ref, str(ref_dir))
 
 
