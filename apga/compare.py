@@ -696,12 +696,14 @@ def _median_time(values: list) -> float | None:
     return None if math.isinf(m) else m
 
 
-def _times_to(results_sv: list, threshold: float) -> list:
-    """Per seed: the simulated time of the first evaluation at or above ``threshold`` (or None)."""
-    out = []
+def _first_hits(results_sv: list, threshold: float, keys=("time",)) -> dict:
+    """{key: per seed, the value of ``key`` at the first evaluation at or above ``threshold``
+    (None if no evaluation reached it)}."""
+    out = {key: [] for key in keys}
     for _, rows in results_sv:
         hit = np.nonzero(rows["eval_return"] >= threshold)[0]
-        out.append(float(rows["time"][hit[0]]) if len(hit) else None)
+        for key in keys:
+            out[key].append(float(rows[key][hit[0]]) if len(hit) else None)
     return out
 
 
@@ -736,11 +738,7 @@ def summarise(plan: Plan, results: dict) -> dict:
         kind, x = plan.thresholds[s]
         threshold = initial + x * (best - initial) if kind == "fraction" else x
         for v in present:
-            reach = {"time": [], "trajectories": [], "vector_comms": []}
-            for _, rows in results[(s, v)]:
-                hit = np.nonzero(rows["eval_return"] >= threshold)[0]
-                for key in reach:
-                    reach[key].append(float(rows[key][hit[0]]) if len(hit) else None)
+            reach = _first_hits(results[(s, v)], threshold, ("time", "trajectories", "vector_comms"))
             stats[v]["to_threshold"] = {
                 "reached": sum(t is not None for t in reach["time"]), "n": len(reach["time"]),
                 **{key: {"mean": _mean_or_none(vals), "values": vals} for key, vals in reach.items()}}
@@ -748,7 +746,7 @@ def summarise(plan: Plan, results: dict) -> dict:
             if kind == "fraction":  # the same timing a little lower on the curve: robustness
                 stats[v]["robustness"] = {}
                 for f in sorted(set(ROBUSTNESS_FRACTIONS) | {x}):
-                    ts = _times_to(results[(s, v)], initial + f * (best - initial))
+                    ts = _first_hits(results[(s, v)], initial + f * (best - initial))["time"]
                     stats[v]["robustness"][repr(f)] = {
                         "threshold": initial + f * (best - initial), "values": ts, "mean": _mean_or_none(ts),
                         "median": _median_time(ts), "reached": sum(t is not None for t in ts)}
@@ -897,8 +895,8 @@ def write_summary_md(plan: Plan, summary: dict, picked: dict | None, path: str, 
         L.append("")
         rob = {v: vs["robustness"] for v, vs in st["variants"].items() if "robustness" in vs}
         if rob:
-            fracs = list(next(iter(rob.values())))
             first = next(iter(rob.values()))
+            fracs = list(first)
             L += ["Time to other fractions of the way (robustness of the timing): mean over the seeds "
                   "that reached it (reached) / median over all seeds.", "",
                   "| method | " + " | ".join(f"{float(f) * 100:g} % ({first[f]['threshold']:.4g})" for f in fracs) + " |",
