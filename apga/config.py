@@ -17,7 +17,7 @@ import yaml
 
 from apga.errors import ConfigError
 
-ALGORITHMS = ("rennala_nigt", "malenia_nigt", "sync_nigt", "afedpg")
+ALGORITHMS = ("rennala_nigt", "malenia_nigt", "sync_nigt", "afedpg", "sync_pg", "rennala_pg")
 
 
 @dataclass
@@ -48,6 +48,8 @@ class PolicyConfig:
 
 @dataclass
 class AlgorithmConfig:
+    # rennala_nigt | malenia_nigt | sync_nigt | afedpg | sync_pg | rennala_pg, or your own protocol
+    # class as package.module:ClassName (imported when the config is read: trusted input)
     name: str = "rennala_nigt"
     step_size: float = 0.01  # alpha
     momentum: float = 0.1  # eta in (0, 1]; 1 = plain normalised policy gradient
@@ -56,6 +58,7 @@ class AlgorithmConfig:
     aggregation: str = "server"  # server | allreduce (AFedPG: server only)
     cancel: bool = True  # cancel in-flight gradients at a round's end (false: finish and discard)
     step_schedule: str = "constant"  # AFedPG: constant | delay (alpha / sqrt(1 + delay))
+    options: dict = field(default_factory=dict)  # the protocol class's own options (its OPTIONS)
 
 
 @dataclass
@@ -329,6 +332,17 @@ def load_config(source: str | dict | None = None, overrides: list[str] | None = 
     return from_dict(apply_overrides(data, overrides or []))
 
 
+def _protocol_class(a: AlgorithmConfig) -> type:
+    """The protocol class named by algorithm.name, with algorithm.options checked by the class."""
+    from apga.protocol.registry import protocol_class
+    try:
+        cls = protocol_class(a.name)
+        a.options = cls.check_options(a.options)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return cls
+
+
 def _require(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {message}")
@@ -338,8 +352,10 @@ def validate(cfg: Config) -> None:
     """Semantic checks beyond types. Each failure names the key and the fix."""
     a, w, e, b = cfg.algorithm, cfg.workers, cfg.env, cfg.budget
     _require(cfg.seed >= 0, "seed", f"must be >= 0, got {cfg.seed}")
-    _require(a.name in ALGORITHMS, "algorithm.name",
-             f"unknown algorithm {a.name!r}{did_you_mean(a.name, ALGORITHMS)}; choose one of {', '.join(ALGORITHMS)}")
+    _require(a.name in ALGORITHMS or ":" in a.name, "algorithm.name",
+             f"unknown algorithm {a.name!r}{did_you_mean(a.name, ALGORITHMS)}; choose one of {', '.join(ALGORITHMS)}, "
+             "or your own protocol class as package.module:ClassName")
+    protocol = _protocol_class(a)
     _require(math.isfinite(a.step_size) and a.step_size > 0, "algorithm.step_size", f"alpha must be > 0, got {a.step_size}")
     _require(0 < a.momentum <= 1, "algorithm.momentum", f"eta must be in (0, 1], got {a.momentum}")
     _require(a.batch_size >= 1, "algorithm.batch_size", f"M must be >= 1, got {a.batch_size}")
@@ -347,8 +363,8 @@ def validate(cfg: Config) -> None:
              f"M_init must be >= 1 (or null for batch_size), got {a.init_batch_size}")
     _require(a.aggregation in ("server", "allreduce"), "algorithm.aggregation",
              f"must be server or allreduce, got {a.aggregation!r}")
-    _require(not (a.name == "afedpg" and a.aggregation == "allreduce"), "algorithm.aggregation",
-             "AFedPG has no AllReduce form; use server")
+    _require(a.aggregation == "server" or protocol.supports_allreduce, "algorithm.aggregation",
+             f"{protocol.__name__} has no AllReduce form; use server")
     _require(a.step_schedule in ("constant", "delay"), "algorithm.step_schedule",
              f"must be constant or delay, got {a.step_schedule!r}")
     _require(w.n >= 1, "workers.n", f"the number of workers must be >= 1, got {w.n}")

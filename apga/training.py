@@ -34,7 +34,7 @@ from apga import config as cfgmod
 from apga.config import Config
 from apga.errors import ApgaError, ConfigError
 from apga.files import AppendLog, atomic_pickle, atomic_write_text
-from apga.protocol.algorithms import make_algorithm
+from apga.protocol.registry import make_protocol
 
 COLUMNS = ["time", "iteration", "trajectories", "trajectories_computed", "env_steps", "vector_comms",
            "train_return", "eval_return", "grad_norm", "rejected"]
@@ -74,8 +74,8 @@ def build_runtime(cfg: Config, oracle):
     """The protocol for cfg.algorithm on the runtime of cfg.runtime."""
     a = cfg.algorithm
     times = build_times(cfg, oracle)
-    alg = make_algorithm(a.name, cfg.workers.n, oracle.initial_point(), a.step_size, a.momentum,
-                         a.batch_size, a.init_batch_size, a.step_schedule)
+    alg = make_protocol(a.name, cfg.workers.n, oracle.initial_point(), a.step_size, a.momentum,
+                        a.batch_size, a.init_batch_size, a.step_schedule, a.options)
     if cfg.runtime.name == "sim":
         from apga.runtime.simulator import Simulator
         return Simulator(alg, oracle, times, a.aggregation, a.cancel, cfg.runtime.streams)

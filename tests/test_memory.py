@@ -7,7 +7,7 @@ import gc
 import pytest
 
 from apga.oracle.synthetic import SyntheticOracle
-from apga.protocol.algorithms import make_algorithm
+from apga.protocol.registry import make_protocol
 from apga.runtime.simulator import Simulator
 from apga.runtime.timing import TimeModel
 
@@ -25,7 +25,7 @@ def rss_mb() -> float:
 def simulator(name: str, n: int = 10, dim: int = 50, seed: int = 0) -> Simulator:
     oracle = SyntheticOracle(n, seed, dim=dim, noise=1.0, nan_prob=0.01)
     times = TimeModel({"dist": "exponential", "mean": "sqrt"}, "sqrt", None, n, dim, seed)
-    alg = make_algorithm(name, n, oracle.initial_point(), 0.01, 0.1, 16)
+    alg = make_protocol(name, n, oracle.initial_point(), 0.01, 0.1, 16)
     return Simulator(alg, oracle, times, "server", cancel=False)
 
 

@@ -14,7 +14,9 @@ import apga
 from apga.cli import main
 from apga.oracle.base import WorkerBatch
 from apga.oracle.synthetic import SyntheticOracle
-from apga.protocol.algorithms import AFedPG, RoundAlgorithm
+from apga.protocol.afedpg import AFedPG
+from apga.protocol.registry import make_protocol
+from apga.protocol.rennala_nigt import RennalaNIGT
 from apga.training import COLUMNS, read_metrics
 from apga.training import train as run_train
 
@@ -63,7 +65,7 @@ def test_afedpg_rejected_update_leaves_parameters(tmp_path):
     from apga.runtime.simulator import Simulator
     from apga.runtime.timing import TimeModel
     oracle = SyntheticOracle(3, 1, dim=4, nan_prob=0.5)
-    alg = AFedPG(3, oracle.initial_point(), 0.1, 0.5)
+    alg = AFedPG(3, oracle.initial_point(), 0.1, momentum=0.5)
     sim = Simulator(alg, oracle, TimeModel({"dist": "exponential", "mean": "sqrt"}, 0.1, None, 3, 4, 1))
     seen = 0
     for _ in range(300):
@@ -82,7 +84,7 @@ def test_round_aggregates_only_finite_gradients():
     """A Rennala round with NaN gradients: the step uses the mean of the finite ones only."""
     n, dim, seed = 3, 4, 2
     nan_oracle = SyntheticOracle(n, seed, dim=dim, nan_prob=0.5)
-    alg = RoundAlgorithm("rennala", n, nan_oracle.initial_point(), 0.1, 1.0, 12)
+    alg = RennalaNIGT(n, nan_oracle.initial_point(), 0.1, momentum=1.0, batch_size=12)
     point = alg.round_point()
     jobs = [(w, j) for j in range(4) for w in range(n)]
     finite = []
@@ -101,8 +103,8 @@ def test_round_aggregates_only_finite_gradients():
 def test_protocol_guard_round(bad):
     """finish_round rejects a non-finite aggregate even when the oracle let it through."""
     theta0 = np.arange(3.0)
-    for rule in ("rennala", "malenia", "sync"):
-        alg = RoundAlgorithm(rule, 2, theta0, 0.1, 0.5, 2)
+    for name in ("rennala_nigt", "malenia_nigt", "sync_nigt"):
+        alg = make_protocol(name, 2, theta0, 0.1, momentum=0.5, batch_size=2)
         good = WorkerBatch(np.ones(3), 1, np.array([1.0]), np.ones(1, dtype=np.int64), 1)
         poisoned = WorkerBatch(np.array([1.0, bad, 0.0]), 1, np.array([1.0]), np.ones(1, dtype=np.int64), 1)
         update = alg.finish_round({0: good, 1: poisoned})
@@ -116,7 +118,7 @@ def test_protocol_guard_round(bad):
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_protocol_guard_afedpg(bad):
     theta0 = np.zeros(3)
-    alg = AFedPG(2, theta0, 0.1, 0.5)
+    alg = AFedPG(2, theta0, 0.1, momentum=0.5)
     alg.apply(WorkerBatch(np.ones(3), 1), 0)
     theta1, d1 = alg.theta.copy(), alg.state.d.copy()
     update = alg.apply(WorkerBatch(np.array([bad, 1.0, 1.0]), 1), 1)
@@ -147,7 +149,7 @@ def test_mostly_nan_later_stops(tmp_path, monkeypatch):
     import apga.training as T
     monkeypatch.setattr(T, "STALL_LIMIT", 30)
     from apga.runtime.simulator import Simulator
-    real = Simulator._afedpg_gradient
+    real = Simulator._gradient_of
 
     def grad(self, worker, job, point):
         batch = real(self, worker, job, point)
@@ -155,7 +157,7 @@ def test_mostly_nan_later_stops(tmp_path, monkeypatch):
             return WorkerBatch(np.zeros_like(batch.grad_sum), 0, env_steps=1, rejected=1)
         return batch
 
-    monkeypatch.setattr(Simulator, "_afedpg_gradient", grad)
+    monkeypatch.setattr(Simulator, "_gradient_of", grad)
     with pytest.raises(apga.ApgaError, match="no finite gradient in the last 30 updates"):
         run_train(apga.load_config(config("afedpg", 0.0, iterations=1000)), str(tmp_path / "run"), progress=False)
     m = read_metrics(str(tmp_path / "run"))

@@ -14,7 +14,7 @@ from apga.config import EnvConfig, PolicyConfig
 from apga.oracle import parallel
 from apga.oracle.parallel import ParallelOracle, PoolError, group_units, resolve_processes
 from apga.oracle.rl import RLOracle
-from apga.protocol.algorithms import make_algorithm
+from apga.protocol.registry import make_protocol
 from apga.runtime.simulator import Simulator
 from apga.runtime.timing import TimeModel
 
@@ -91,7 +91,7 @@ def test_multi_point_rollout_equals_one_chunk_at_a_time():
 class OneByOne(Simulator):
     """The simulator as it was: each AFedPG gradient computed alone, when it arrives."""
 
-    def _afedpg_gradient(self, worker, job, point):
+    def _gradient_of(self, worker, job, point):
         return self.oracle.gradients(point, [(worker, job)])[worker]
 
 
@@ -112,7 +112,7 @@ class Counting:
 
 def afedpg_run(sim_cls, oracle, steps=14):
     times = TimeModel("sqrt", "sqrt", None, N, oracle.dim, SEED)
-    alg = make_algorithm("afedpg", N, oracle.initial_point(), 0.05, 0.3, 1)
+    alg = make_protocol("afedpg", N, oracle.initial_point(), 0.05, 0.3, 1)
     sim = sim_cls(alg, oracle, times)
     events = [sim.step() for _ in range(steps)]
     return sim, [(e.time, e.update.grad_norm, e.update.env_steps, tuple(e.update.returns)) for e in events]

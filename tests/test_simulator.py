@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from apga.oracle.synthetic import SyntheticOracle
-from apga.protocol.algorithms import AFedPG, make_algorithm
+from apga.protocol.afedpg import AFedPG
+from apga.protocol.registry import make_protocol
 from apga.runtime.simulator import Simulator
 from apga.runtime.timing import TimeModel
 
@@ -22,7 +23,7 @@ def make_sim(name, h, M=8, comm=0.0, allreduce=None, aggregation="server", cance
     n = len(h)
     oracle = SyntheticOracle(n, seed, dim=dim, noise=noise, shift=shift)
     times = TimeModel(compute if compute is not None else list(h), comm, allreduce, n, oracle.dim, seed)
-    alg = make_algorithm(name, n, oracle.initial_point(), step_size, momentum, M)
+    alg = make_protocol(name, n, oracle.initial_point(), step_size, momentum, M)
     return Simulator(alg, oracle, times, aggregation, cancel, streams)
 
 
@@ -54,8 +55,9 @@ def round_durations(sim, rounds):
 
 @pytest.mark.parametrize("h", RANDOM_H)
 @pytest.mark.parametrize("M", [1, 5, 16])
-def test_rennala_rounds_last_exactly_the_formula(h, M):
-    sim = make_sim("rennala_nigt", h, M=M)
+@pytest.mark.parametrize("name", ["rennala_nigt", "rennala_pg"])
+def test_rennala_rounds_last_exactly_the_formula(h, M, name):
+    sim = make_sim(name, h, M=M)
     expected = brute_rennala(h, M)
     for d in round_durations(sim, 4):
         assert d == pytest.approx(expected, rel=1e-12, abs=1e-12)
@@ -75,8 +77,9 @@ def test_malenia_rounds_end_at_the_harmonic_mean_condition(h, M):
 
 @pytest.mark.parametrize("h", RANDOM_H)
 @pytest.mark.parametrize("M", [1, 7, 30])
-def test_sync_rounds_wait_for_the_slowest_quota(h, M):
-    sim = make_sim("sync_nigt", h, M=M)
+@pytest.mark.parametrize("name", ["sync_nigt", "sync_pg"])
+def test_sync_rounds_wait_for_the_slowest_quota(h, M, name):
+    sim = make_sim(name, h, M=M)
     n = len(h)
     expected = max(math.ceil(M / n) * hi for hi in h)
     for d in round_durations(sim, 3):
@@ -113,7 +116,7 @@ def test_afedpg_charges_one_upload_and_one_download_per_gradient():
     assert sim.totals.vector_comms == 2 + 2 * 12  # n initial downloads + upload/download per update
 
 
-@pytest.mark.parametrize("name", ["rennala_nigt", "malenia_nigt", "sync_nigt"])
+@pytest.mark.parametrize("name", ["rennala_nigt", "malenia_nigt", "sync_nigt", "rennala_pg", "sync_pg"])
 def test_server_round_timeline_with_communication(name):
     h, kappa, M = [1.0, 1.7, 3.1], [0.5, 0.25, 1.5], 6
     sim = make_sim(name, h, M=M, comm=kappa)
@@ -125,7 +128,7 @@ def test_server_round_timeline_with_communication(name):
             assert start == kappa[worker]  # the point reaches worker i after its download time
     stop = max(r[4] for r in used)
     uploaders = {r[1] for r in used}
-    if name == "sync_nigt":
+    if name.startswith("sync"):
         last = {w: max(r[4] for r in used if r[1] == w) for w in uploaders}
         expected = max(last[w] + kappa[w] for w in uploaders)
     else:
@@ -134,7 +137,7 @@ def test_server_round_timeline_with_communication(name):
     assert sim.totals.vector_comms == len(h) + len(uploaders)
 
 
-@pytest.mark.parametrize("name", ["rennala_nigt", "malenia_nigt", "sync_nigt"])
+@pytest.mark.parametrize("name", ["rennala_nigt", "malenia_nigt", "sync_nigt", "rennala_pg", "sync_pg"])
 def test_server_and_allreduce_give_the_same_iterates(name):
     h, M = [1.0, 1.3, 2.2, 4.0], 10
     common = dict(M=M, comm=0.4, seed=5)

@@ -1,4 +1,5 @@
-"""NIGT in ascent form (DESIGN 2) as small pure functions over flat float64 vectors.
+"""NIGT in ascent form (DESIGN 2) as small pure functions over flat float64 vectors, and the
+mixin that makes any round aggregator a NIGT method.
 
     theta_1     = theta_0 + alpha d_0/|d_0|,              d_0 = g(theta_0; M_init)
     theta~_t    = theta_t + ((1-eta)/eta) (theta_t - theta_{t-1})
@@ -50,3 +51,26 @@ def nigt_step(state: NIGTState, g: np.ndarray, alpha: float, eta: float) -> tupl
     norm = scale * float(np.linalg.norm(d / scale))  # scaled so huge finite d cannot overflow
     theta = state.theta + alpha * (d / norm)
     return NIGTState(theta, state.theta, d, state.t + 1), True
+
+
+class NIGTUpdate:
+    """The NIGT half of a round method (mix in before RoundProtocol): the round's point is the
+    extrapolated point theta~_t, the step is ``nigt_step``, and the first round uses M_init."""
+
+    def __init__(self, n, theta0, step_size, **hyper):
+        super().__init__(n, theta0, step_size, **hyper)
+        self.state = NIGTState.initial(theta0)
+
+    @property
+    def theta(self) -> np.ndarray:
+        return self.state.theta
+
+    def round_batch(self) -> int:
+        return self.init_batch_size if self.state.d is None else self.batch_size
+
+    def round_point(self) -> np.ndarray:
+        return extrapolated_point(self.state, self.eta)
+
+    def step(self, g: np.ndarray) -> bool:
+        self.state, stepped = nigt_step(self.state, g, self.alpha, self.eta)
+        return stepped

@@ -1,37 +1,40 @@
-"""The Ray runtime: the same protocols as the simulator, with workers as Ray actors on a real clock.
+"""The Ray runtime: any protocol, with workers as Ray actors on a real clock.
 
-The driver (this object) holds the protocol (apga.protocol.algorithms) and decides everything the
-protocol decides: when a round stops, which gradients it consumes, the update. Worker actors
-(apga.runtime.ray_worker.WorkerActor) only compute trajectories and keep their local sums.
+The driver (this object) holds the protocol (apga/protocol/base.py) and asks it everything a
+method decides; it never names a method. Worker actors (apga.runtime.ray_worker.WorkerActor)
+only compute trajectories and keep their local sums.
 
-Round algorithms (Rennala, Malenia, synchronous NIGT), one :meth:`step` = one round:
+Round protocols (schedule "rounds"), one :meth:`step` = one round:
 
 1. server aggregation: the round's point is put in the object store once and every worker gets
-   the reference; AllReduce aggregation: nothing is sent, every worker extrapolates the point
-   from its own copy of the NIGT state;
-2. workers compute one trajectory after another at that point, job indices continuing their own
-   counters (kept by the driver); the only traffic is a scalar count per finished gradient
-   (a long-poll per worker), and the driver feeds the counts, one gradient at a time, to
-   ``round_done`` / ``keeps_working``;
-3. at the stop every worker halts (the trajectory in flight is cancelled within one env step, or
-   finishes and is discarded with ``cancel: false``) and the round consumes, of each worker,
-   exactly the gradients the driver counted;
-4. one reduction: each worker with b_i > 0 uploads its sum and the driver calls
+   the reference; AllReduce aggregation: nothing is sent, every worker takes the round's point
+   from its own copy of the protocol;
+2. workers compute one trajectory after another at that point (up to the protocol's quota), job
+   indices continuing their own counters (kept by the driver); the only traffic is a long poll
+   per worker reporting the finish times of its gradients and its horizon (no earlier finish is
+   still unreported); the driver merges them and applies the protocol's consumption rule
+   (``RoundTally``: finishing order, ties at the stop included), the same code the simulator runs;
+3. once the stop is certain, every worker halts (the trajectory in flight is cancelled within
+   one env step, or finishes and is discarded with ``cancel: false``) and the round consumes, of
+   each worker, its first b_i gradients;
+4. one reduction: each worker with b_i > 0 uploads its contribution and the driver calls
    ``finish_round`` (server), or the workers run one gloo AllReduce among themselves and each
-   applies the identical NIGT step; the driver takes the new state from rank 0 and checks that
-   every rank holds the same bits (AllReduce).
+   finishes the round on its own protocol copy; the driver takes the new state from rank 0 and
+   checks that every rank holds the same bits (AllReduce).
 
-AFedPG, one :meth:`step` = one gradient: each worker always has one job in flight at the point it
-was handed; the first to arrive is applied at once and the sender gets the new point back.
+Per-gradient protocols (schedule "per_gradient"), one :meth:`step` = one gradient: each worker
+always has one job in flight at the point it was handed; the first to arrive is applied at once
+and the sender gets the new point back.
 
 Faults: actors restart (``runtime.max_restarts``); a restarted worker rejoins the current round with a
-fresh local sum (what it held but had not reduced is lost; nothing already aggregated is). Rounds
-that can stop without it (Rennala) go on; rounds that need every worker (Malenia, synchronous)
-wait for it and fail with ApgaError after ``runtime.worker_timeout`` seconds.
+fresh local sum (what it held but had not reduced is lost; nothing already aggregated is). A round
+that can stop without it (the protocol's ``can_finish``) goes on; one that cannot waits for it
+and fails with ApgaError after ``runtime.worker_timeout`` seconds.
 
 ``clock`` = wall seconds since the workers were up (continued across a resume), sampled at each
 update. With ``runtime.inject_delays`` every trajectory is padded to the time model's compute
-time (and transfers to comm_time / allreduce_time), so rounds can be compared with the simulator.
+time (and transfers to comm_time / allreduce_time), and the round's consumption is decided on
+the time model's nominal finish times, so rounds consume what the simulator's would.
 """
 from __future__ import annotations
 
@@ -46,15 +49,14 @@ import numpy as np
 import ray  # noqa: F401  (missing Ray fails here: build_runtime turns that into a ConfigError)
 
 from apga.errors import ApgaError
-from apga.protocol.algorithms import AFedPG, Update
-from apga.runtime.ray_worker import WorkerActor, digest
+from apga.protocol.base import RoundTally, Update
+from apga.runtime.ray_worker import INF, WorkerActor, digest
 from apga.runtime.simulator import Event, Totals
 
 log = logging.getLogger(__name__)
 
 POLL = 2.0  # seconds a progress long-poll waits at most before reporting anyway
 WAKE = 0.5  # seconds the driver waits at most between checks of lost workers
-BIG = 10**9
 ACTOR_CONCURRENCY = 8  # call threads per actor (progress, halt, reduce, ... run concurrently)
 START_TIMEOUT = 300.0  # seconds for all actors to come up
 
@@ -63,9 +65,8 @@ START_TIMEOUT = 300.0  # seconds for all actors to come up
 class RayEvent(Event):
     """An update as the Ray runtime saw it (times in runtime seconds)."""
 
-    counts: list = field(default_factory=list)  # round: gradients consumed per worker
     restarts: int = 0  # worker restarts seen during this update
-    worker: int | None = None  # AFedPG: the sender
+    worker: int | None = None  # per gradient: the sender
 
 
 class _Lost(Exception):
@@ -100,8 +101,7 @@ class RayRuntime:
 
     def __init__(self, cfg, algorithm, oracle, times, oracle_factory=None):
         a = cfg.algorithm
-        if isinstance(algorithm, AFedPG) and a.aggregation != "server":
-            raise ApgaError("algorithm.aggregation: AFedPG has no AllReduce form; use server")
+        assert a.aggregation == "server" or algorithm.supports_allreduce  # validated by the config
         self.cfg, self.alg, self.n = cfg, algorithm, algorithm.n
         self.aggregation, self.cancel = a.aggregation, a.cancel
         self.address, self.inject = cfg.runtime.address, cfg.runtime.inject_delays
@@ -118,7 +118,7 @@ class RayRuntime:
     # ------------------------------------------------------------------ lifecycle
     def attach(self, oracle, times) -> None:
         """(Re)connect the non-picklable parts, e.g. after loading a checkpoint. Ray (re)starts at
-        the next step; AFedPG gradients in flight at the checkpoint are not restored."""
+        the next step; per-gradient jobs in flight at the checkpoint are not restored."""
         self.oracle, self.times = oracle, times
         if self.oracle_factory is None:
             self.oracle_factory = functools.partial(_default_oracle, self.cfg)
@@ -156,8 +156,7 @@ class RayRuntime:
         try:
             cpus = float(ray.cluster_resources().get("CPU", 1.0))
             per_actor = math.floor(min(1.0, cpus / self.n) * 1e4) / 1e4  # Ray's resource granularity
-            spec = {"n": self.n, "rule": getattr(self.alg, "rule", "afedpg"), "alpha": self.alg.alpha,
-                    "eta": self.alg.eta, "times": self.times, "inject": self.inject, "cancel": self.cancel,
+            spec = {"n": self.n, "times": self.times, "inject": self.inject, "cancel": self.cancel,
                     "oracle_factory": self.oracle_factory}
             actor_cls = ray.remote(WorkerActor)
             self._actors = [
@@ -174,7 +173,7 @@ class RayRuntime:
                 raise ApgaError(f"runtime: a worker actor failed to start: {str(exc).splitlines()[0]}") from None
             self._alive = set(range(self.n))
             if self.aggregation == "allreduce":
-                ray.get([a.set_state.remote(self.alg.state) for a in self._actors])
+                ray.get([a.set_protocol.remote(self.alg) for a in self._actors])
             self._origin = time.time() - self.clock
         except BaseException:
             self.close()
@@ -210,19 +209,9 @@ class RayRuntime:
     def step(self) -> RayEvent:
         """Run until the next model update and perform it."""
         self.start()
-        if isinstance(self.alg, AFedPG):
-            return self._afedpg_step()
+        if self.alg.schedule == "per_gradient":
+            return self._gradient_step()
         return self._round_step()
-
-    def _limit(self, w: int) -> int | None:
-        """Jobs worker w may start in a round: the first k >= 1 at which keeps_working says stop
-        (synchronous NIGT: its quota); None if it never does up to the round's batch."""
-        counts = [0] * self.n
-        for k in range(1, self.alg.round_batch() + 2):
-            counts[w] = k
-            if not self.alg.keeps_working(counts, w):
-                return k
-        return None
 
     # --- calls and faults ------------------------------------------------------------------
     def _call(self, kind: str, w: int, ref, extra=None) -> None:
@@ -275,8 +264,8 @@ class RayRuntime:
         self.restarts += 1
         if len(self.worker_info) == self.n:
             self.worker_info[w] = info
-        if self.aggregation == "allreduce" and not isinstance(self.alg, AFedPG):
-            _ray().get(self._actors[w].set_state.remote(self.alg.state))
+        if self.aggregation == "allreduce":
+            _ray().get(self._actors[w].set_protocol.remote(self.alg))
             self.totals.vector_comms += 1
 
     def _check_needed(self, needed_fn) -> None:
@@ -306,97 +295,128 @@ class RayRuntime:
         point = alg.round_point()
         point_digest = digest(point)
         point_arg = ray.put(point) if server else None  # once per round, every worker gets the ref
-        limits = [self._limit(w) for w in range(n)]
+        quotas = [alg.quota(w) for w in range(n)]
         # runtime.streams: round keys trajectories by (update, index in round), as the simulator
         sample_round = alg.version if self.cfg.runtime.streams == "round" else None
-        t_start, restarts0 = self._now(), self.restarts
-        counts, seen = [0] * n, [0] * n
+        t_start, restarts0, round_wall = self._now(), self.restarts, time.time()
+        finishes: list[list[float]] = [[] for _ in range(n)]  # reported finish times, job order
+        horizon = [-INF] * n  # every finish before it is reported (per worker)
+        stamps = [-1] * n  # the newest report seen per worker
         self._calls = {ref: c for ref, c in self._calls.items() if c[0] == "ready"}
 
-        def begin(w: int) -> None:
-            self._call("begin", w, self._actors[w].begin.remote(r, point_arg, self.next_job[w], limits[w],
-                                                                self._origin, self.cancel, sample_round))
-            self._call("progress", w, self._actors[w].progress.remote(r, 0, POLL))
+        def poll(w: int, kind: str = "progress") -> None:
+            timeout = POLL if kind == "progress" else 0.0  # "report": answer at once
+            self._call(kind, w, self._actors[w].progress.remote(r, stamps[w], timeout))
+
+        def begin(w: int, late: bool = False) -> None:
+            finishes[w], horizon[w], stamps[w] = [], -INF, -1
+            self._call("begin", w, self._actors[w].begin.remote(
+                r, point_arg, self.next_job[w], quotas[w], self._origin, self.cancel, sample_round,
+                round_wall, late))
+            poll(w)
             if server:
                 self.totals.vector_comms += 1  # the download of the point
 
-        def can_finish() -> bool:
-            return alg.round_done([BIG if w in self._alive else 0 for w in range(n)])
+        def decide() -> tuple[RoundTally, float]:
+            """The consumption rule over every finish that is certain (before all horizons)."""
+            live = sorted(self._alive)
+            h = min((horizon[w] for w in live), default=INF)
+            tally = RoundTally(alg)
+            for t, w in sorted((t, w) for w in live for t in finishes[w] if t < h):
+                if not tally.offer(t, w):
+                    break
+            return tally, h
 
-        def handle(item, done: bool) -> bool:
-            """Process one finished call; returns whether the round is done."""
+        def handle(item) -> None:
             kind, w, extra, out, err = item
             if err is not None:
-                if kind != "ready":
-                    counts[w] = seen[w] = 0
-                return alg.round_done(counts)
+                finishes[w] = []  # lost with its actor
+                return
             if kind == "ready":
                 self._back(w, out)
-                begin(w)
-            elif kind in ("progress", "halt"):
-                self.next_job[w] = max(self.next_job[w], out["next_job"])
-                self.totals.trajectories_computed += out["completed"]
-                if out["round"] == r and w in self._alive:
-                    c = out["count"]
-                    while not done and counts[w] < c:
-                        counts[w] += 1  # one gradient at a time: stop at the first moment the rule holds
-                        done = alg.round_done(counts)
-                    seen[w] = max(seen[w], c)
-                    if kind == "progress" and not done and not halting and out["busy"]:
-                        self._call("progress", w, self._actors[w].progress.remote(r, seen[w], POLL))
-            return done
+                begin(w, late=True)
+                return
+            if kind not in ("progress", "report", "halt"):
+                return
+            self.next_job[w] = max(self.next_job[w], out["next_job"])
+            self.totals.trajectories_computed += out["completed"]
+            if out["round"] < r and kind == "progress" and not halting:
+                poll(w)  # answered before the round's begin reached the worker: ask again
+            if out["round"] != r or w not in self._alive:
+                return
+            if out["stamp"] > stamps[w]:
+                finishes[w], horizon[w], stamps[w] = out["finishes"], out["horizon"], out["stamp"]
+            elif out["stamp"] == stamps[w]:
+                horizon[w] = max(horizon[w], out["horizon"])
+            if kind == "progress" and not halting and out["busy"]:
+                poll(w)
+
+        def ask_laggards(h: float) -> None:
+            """Without injected delays horizons are wall times: a worker busy with a long
+            trajectory reports nothing, so ask the ones that hold back a finish already known."""
+            pending = [t for w in self._alive for t in finishes[w] if t >= h]
+            if self.inject or not pending:
+                return
+            asked = {v for k, v, _ in self._calls.values() if k == "report"}
+            for w in sorted(self._alive):
+                if horizon[w] <= min(pending) and w not in asked:
+                    poll(w, "report")
+
+        def resume() -> None:
+            """After a worker was lost while stopping: the others continue the same round."""
+            for w in sorted(self._alive):
+                self._actors[w].resume.remote(r)
+                horizon[w] = -INF
+                poll(w)
 
         for w in sorted(self._alive):
             begin(w)
-        done, halting, failures = False, False, 0
+        halting, failures = False, 0
         while True:
-            # -- computing: counts only -----------------------------------------------------
-            while not done:
-                self._check_needed(can_finish)
+            # -- computing: finish times only ----------------------------------------------
+            while True:
+                tally, h = decide()
+                if tally.done:
+                    break
+                self._check_needed(lambda: alg.can_finish([w in self._alive for w in range(n)]))
+                ask_laggards(h)
                 item = self._wait()
                 if item is not None:
-                    done = handle(item, done)
+                    handle(item)
             t_stop = self._now()
             # -- stop: halt everyone, drain the polls (restarted workers rejoin next round) ---
             halting = True
             for w in sorted(self._alive):
                 self._call("halt", w, self._actors[w].halt.remote(r))
             while any(k != "ready" for k, _, _ in self._calls.values()):
-                item = self._wait(POLL + 1.0, kinds=("halt", "progress", "begin"))
+                item = self._wait(POLL + 1.0, kinds=("halt", "progress", "report", "begin"))
                 if item is not None:
-                    done = handle(item, done)
+                    handle(item)
             halting = False
-            if not alg.round_done(counts):  # a worker died while halting: the round goes on
-                done = False
-                self._resume(r, counts)
+            tally, _ = decide()
+            if not tally.done:  # a worker died while halting: the round goes on
+                resume()
                 continue
             # -- one reduction ---------------------------------------------------------------
             try:
                 if server:
-                    update = self._reduce_server(r, counts, point_digest)
+                    update = self._reduce_server(r, tally, point_digest)
                 else:
-                    update = self._reduce_allreduce(r, counts, point_digest)
+                    update = self._reduce_allreduce(r, tally.counts, point_digest)
             except _Lost as lost:
                 failures += 1
                 if failures > 3 * self.n + 3:
                     raise ApgaError(f"runtime: the reduction of round {r} keeps failing ({lost})") from None
                 for w in lost.workers:
-                    counts[w] = seen[w] = 0
-                done = alg.round_done(counts)
-                if not done:
-                    self._resume(r, counts)
+                    finishes[w] = []
+                if not decide()[0].done:
+                    resume()
                 continue
             break
         self.clock = self._now()
         self._count(update)
-        return RayEvent(self.clock, update, t_start, t_stop, counts=list(counts),
+        return RayEvent(self.clock, update, t_start, t_stop, counts=list(tally.counts),
                         restarts=self.restarts - restarts0)
-
-    def _resume(self, r: int, counts: list[int]) -> None:
-        """After a worker was lost while stopping: the others continue the same round."""
-        for w in sorted(self._alive):
-            self._actors[w].resume.remote(r)
-            self._call("progress", w, self._actors[w].progress.remote(r, counts[w], POLL))
 
     def _gather(self, calls: dict, timeout: float) -> tuple[dict, list[int]]:
         """Wait for ``calls`` (ref -> worker); results by worker, and the workers that died."""
@@ -423,8 +443,9 @@ class RayRuntime:
                     raise ApgaError(f"worker {w} failed: {_first_line(exc)}") from exc
         return results, lost
 
-    def _reduce_server(self, r: int, counts: list[int], point_digest: str) -> Update:
-        uploaders = [w for w in range(self.n) if counts[w] > 0]
+    def _reduce_server(self, r: int, tally: RoundTally, point_digest: str) -> Update:
+        counts = tally.counts
+        uploaders = tally.order  # workers in the order their first consumed gradient finished
         calls = {self._actors[w].upload.remote(r, counts[w]): w for w in uploaders}
         results, lost = self._gather(calls, timeout=self.worker_timeout + POLL)
         if lost:
@@ -434,8 +455,7 @@ class RayRuntime:
                 raise ApgaError(f"runtime: internal error: worker {w} computed at another point or "
                                 f"returned {batch.count + batch.rejected} gradients for {counts[w]}")
         self.totals.vector_comms += len(uploaders)
-        # Workers in index order: reproducible, and the simulator's order whenever its workers
-        # first finish in index order (equal or increasing compute times).
+        # The simulator's order too, so that equal gradients give equal floating-point sums.
         return self.alg.finish_round({w: results[w][0] for w in uploaders})
 
     def _ensure_group(self) -> int:
@@ -481,29 +501,27 @@ class RayRuntime:
             if out["point_digest"] != point_digest:
                 raise ApgaError(f"runtime: internal error: worker {w} computed at another point than the driver's")
         rank0 = results[members[0]]
-        state = rank0["state"]
         digests = {out["digest"] for out in results.values()}
+        self.alg.set_state(rank0["state"])
         if len(digests) > 1:  # ranks disagree in the last bits (e.g. different CPUs): realign on rank 0
             self.resyncs += 1
             log.warning("AllReduce ranks hold different parameters after round %d; resetting them to rank 0's", r)
-            ray.get([self._actors[w].set_state.remote(state) for w in members])
-        self.alg.adopt(state)
+            ray.get([self._actors[w].set_protocol.remote(self.alg) for w in members])
         self.totals.vector_comms += 1
-        env_steps = rank0["env_steps"]
-        if not rank0["ok"]:
-            return Update(0, rank0["total"] + rank0["rejected"], False, math.nan, np.zeros(0), env_steps)
-        returns = np.concatenate([results[w]["returns"] for w in members])
-        return Update(rank0["total"], rank0["rejected"], rank0["stepped"], rank0["grad_norm"], returns, env_steps)
+        update = rank0["update"]
+        if update.used > 0:
+            update.returns = np.concatenate([results[w]["returns"] for w in members])
+        return update
 
-    # --- AFedPG ----------------------------------------------------------------------------
+    # --- per gradient ------------------------------------------------------------------------
     def _dispatch(self, w: int) -> None:
         version, point = self.alg.current_point()
         job = self.next_job[w]
         self.next_job[w] += 1
-        self._call("job", w, self._actors[w].afedpg_job.remote(point, job, self._origin), version)
+        self._call("job", w, self._actors[w].gradient_job.remote(point, job, self._origin), version)
         self.totals.vector_comms += 1  # the point, to this worker only
 
-    def _afedpg_step(self) -> RayEvent:
+    def _gradient_step(self) -> RayEvent:
         if not any(k == "job" for k, _, _ in self._calls.values()):
             for w in sorted(self._alive):
                 self._dispatch(w)

@@ -2,14 +2,19 @@
 
 One actor = one apga worker ``w``. It is a *threaded* actor: a background compute thread rolls out
 one trajectory at a time (``oracle.gradients(point, [(w, j)])``), while the driver's calls (begin a
-round, wait for progress, halt, upload, AllReduce, ...) are served by Ray's call threads.
+round, wait for progress, halt, upload, AllReduce, ...) are served by Ray's call threads. It never
+names a method: what it computes and how it reduces come from the protocol (apga/protocol/base.py).
 
-During a round only scalars travel: :meth:`progress` is a long poll that returns the number of
-gradients finished so far. At the stop the driver says how many gradients b_w of this worker the
-round consumes (the first b_w in job order: a gradient that finished after the stop is discarded
-even if it made it into the list), and the worker either uploads its sum (server aggregation) or
-takes part in one gloo AllReduce with the other workers and applies the NIGT step to its own copy
-of the NIGT state (AllReduce aggregation).
+During a round only scalars travel: :meth:`progress` is a long poll that returns the finish
+times of the round's gradients so far and a *horizon*: every gradient of this worker that
+finishes before the horizon has been reported. The driver merges the workers' finish times and
+applies the protocol's consumption rule (``RoundTally``) in finishing order, exactly as the
+simulator does. Finish times are round-relative: with ``runtime.inject_delays`` they are the
+time model's nominal times (begin + sum of the durations, as in the simulator), otherwise wall
+seconds since the round began. At the stop the driver says how many gradients b_w of this worker
+the round consumes (the first b_w in job order), and the worker either uploads its contribution
+(server aggregation) or takes part in one gloo AllReduce with the other workers and finishes the
+round on its own copy of the protocol (AllReduce aggregation).
 
 Cancellation (``algorithm.cancel``): a halted round abandons its in-flight trajectory within one
 environment step (true) or lets it finish and discards it (false): the oracle's ``should_stop``
@@ -18,21 +23,22 @@ injected-delay sleep is cut short too.
 """
 from __future__ import annotations
 
+import copy
 import datetime
 import hashlib
 import os
 import socket
 import threading
 import time
-from typing import Callable
+from fractions import Fraction
 
 import numpy as np
 
 from apga.oracle.base import Cancelled, WorkerBatch
-from apga.protocol import aggregators as agg
-from apga.protocol.algorithms import reduced_step
-from apga.protocol.nigt import NIGTState, extrapolated_point
+from apga.protocol.base import Reduction
 from apga.rng import round_sample
+
+INF = float("inf")
 
 
 def digest(x: np.ndarray) -> str:
@@ -55,7 +61,6 @@ class WorkerActor:
         import torch
         torch.set_num_threads(1)
         self.w, self.n = worker, spec["n"]
-        self.rule, self.alpha, self.eta = spec["rule"], spec["alpha"], spec["eta"]
         self.times, self.inject, self.cancel = spec["times"], spec["inject"], spec["cancel"]
         self.comm = self.times.comm[worker] if self.inject else 0.0
         self.oracle = spec["oracle_factory"]()
@@ -65,19 +70,26 @@ class WorkerActor:
         self.active = False  # computing for the current round
         self.point: np.ndarray | None = None
         self.point_digest = ""
-        self.limit: int | None = None  # jobs to start in the round at most (sync quota)
+        self.limit: int | None = None  # jobs to start in the round at most (the protocol's quota)
         self.started = 0  # jobs started in the current round
         self.sample_round: int | None = None  # runtime.streams: round -> keys of this round's trajectories
         self.next_job = 0  # the next job index of this worker (the driver sets it at begin)
         self.not_before = 0.0  # injected download: the round's first job starts then (epoch s)
         self.origin = time.time()  # epoch of the run clock (for time models that depend on it)
+        self.round_wall = time.time()  # epoch at which the current round began (the driver's)
         self.results: list[WorkerBatch] = []  # finished gradients of the round, in job order
+        self.finishes: list[float] = []  # their round-relative finish times
+        self.nominal_begin = 0.0  # injected delays: nominal start of the round's first job
+        self.elapsed = Fraction(0)  # injected delays: exact sum of the round's job durations so far
+        self.inflight_finish: float | None = None  # nominal finish of the job in flight (inject)
+        self.busy_until = 0.0  # epoch at which the job in flight ends at the earliest (inject)
+        self.stamp = 0  # bumped on every change a progress poll reports
         self.completed = 0  # trajectories completed (used or discarded) since the last report
         self.job_stop: threading.Event | None = None  # set -> abandon the trajectory in flight
         self.closing = False
         self.error = ""  # a failed job (reported to the driver by the next call)
-        self.nigt: NIGTState | None = None  # AllReduce mode: this worker's copy of the NIGT state
-        self.pending: tuple[int, NIGTState] | None = None  # (round, state) until the next begin
+        self.protocol = None  # AllReduce mode: this worker's copy of the protocol
+        self.pending: tuple | None = None  # (round, protocol after its reduction) until the next begin
         self.pg = None  # gloo process group (AllReduce mode)
         self.group_epoch = -1
         self._listen: socket.socket | None = None
@@ -92,34 +104,47 @@ class WorkerActor:
                 "ip": ray.util.get_node_ip_address(),
                 "restarted": ctx.was_current_actor_reconstructed}
 
-    def set_state(self, state: NIGTState | None) -> str:
-        """AllReduce mode: (re)load this worker's NIGT copy (at start, after a restart, on resync)."""
+    def set_protocol(self, protocol) -> str:
+        """AllReduce mode: (re)load this worker's copy of the protocol (at start, after a
+        restart, on resync)."""
         with self.cv:
-            self.nigt, self.pending = state, None
-        return digest(state.theta) if state is not None else ""
+            self.protocol, self.pending = protocol, None
+        return digest(protocol.theta) if protocol is not None else ""
 
     # ------------------------------------------------------------------ rounds
     def begin(self, r: int, point, first_job: int, limit: int | None, origin: float, cancel: bool,
-              sample_round: int | None = None) -> None:
-        """Start round ``r`` at ``point`` (None: the extrapolated point of this worker's NIGT copy)
-        with job indices first_job, first_job + 1, ...; ``cancel``: what its halt does.
-        ``sample_round`` (runtime.streams: round): trajectories are keyed by (sample_round, index
-        in the round) instead of by job index."""
+              sample_round: int | None, round_wall: float, late: bool = False) -> None:
+        """Start round ``r`` at ``point`` (None: this worker's protocol copy's round point) with
+        job indices first_job, first_job + 1, ...; at most ``limit`` jobs; ``cancel``: what its
+        halt does. ``sample_round`` (runtime.streams: round): trajectories are keyed by
+        (sample_round, index in the round) instead of by job index. ``round_wall``: the driver's
+        epoch of the round's start; ``late``: joining a round under way (after a restart)."""
         with self.cv:
             if r <= self.round:
                 return  # stale or repeated
             self.cancel = cancel
             if self.pending is not None and self.pending[0] == r - 1:
-                self.nigt = self.pending[1]  # the previous round's AllReduce step, now committed
+                self.protocol = self.pending[1]  # the previous round's AllReduce step, now committed
             self.pending = None
-            if point is None:
-                point = extrapolated_point(self.nigt, self.eta)
+            download = 0.0
+            if point is None:  # AllReduce mode: no download, the point is this worker's own
+                point = self.protocol.round_point()
+            else:
+                download = self.comm
             self.round, self.point, self.point_digest = r, np.asarray(point), digest(point)
-            self.results, self.started, self.next_job = [], 0, first_job
-            self.sample_round = sample_round
+            self.results, self.finishes, self.started, self.next_job = [], [], 0, first_job
+            self.sample_round, self.round_wall = sample_round, round_wall
             # A halt of this round may overtake its begin (call threads run concurrently).
             self.limit, self.origin, self.active = limit, origin, r > self.halted
-            self.not_before = time.time() + self.comm
+            now = time.time()
+            self.not_before = now + download
+            # Nominal start of the round's first job: after the download, or when a discarded
+            # job of the last round (cancel: false) or a late join lets the worker start.
+            self.nominal_begin = download
+            if late or self.job_stop is not None:
+                self.nominal_begin = max(download, (now if late else self.busy_until) - round_wall)
+            self.elapsed = Fraction(0)
+            self.stamp += 1
             self.cv.notify_all()
 
     def resume(self, r: int) -> None:
@@ -127,19 +152,16 @@ class WorkerActor:
         with self.cv:
             if self.round == r:
                 self.active, self.halted = True, r - 1
+                self.stamp += 1
                 self.cv.notify_all()
 
-    def progress(self, r: int, seen: int, timeout: float) -> dict:
-        """Long poll: return once round ``r`` has more than ``seen`` finished gradients, is halted
-        or over, or after ``timeout`` seconds."""
+    def progress(self, r: int, stamp: int, timeout: float) -> dict:
+        """Long poll: return once something changed since ``stamp`` (a gradient finished, a job
+        started with injected delays, the round halted or ended), or after ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
         with self.cv:
-            while True:
-                if self.round > r or (self.round == r and (len(self.results) > seen or not self.active)):
-                    break
-                if self.error or (self.round == r and self.limit is not None and self.started >= self.limit
-                                  and self.job_stop is None):
-                    break  # failed, or quota reached and nothing in flight
+            # A poll may overtake the begin of its round (call threads run concurrently): wait for it.
+            while not self.error and self.round <= r and (self.round < r or self.stamp <= stamp):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -154,19 +176,32 @@ class WorkerActor:
                 self.active = False
                 if self.cancel and self.job_stop is not None:
                     self.job_stop.set()
+                self.stamp += 1
                 self.cv.notify_all()
             return self._report(r)
+
+    def _computing(self) -> bool:
+        return self.active and (self.limit is None or self.started < self.limit)
+
+    def _horizon(self) -> float:
+        """Every gradient of this round that finishes before the horizon has been reported."""
+        if not self.active or (self.job_stop is None and not self._computing()):
+            return INF  # halted, or quota reached with nothing in flight: no more finishes
+        if not self.inject:
+            return time.time() - self.round_wall  # anything still running finishes later
+        if self.inflight_finish is not None and self.job_stop is not None:
+            return self.inflight_finish
+        return self.nominal_begin + float(self.elapsed)  # between jobs: the next one ends later
 
     def _report(self, r: int) -> dict:
         if self.error:
             raise RuntimeError(self.error)
-        count = len(self.results) if self.round == r else 0
-        done, self.completed = self.completed, 0
         current = self.round == r
-        busy = current and (self.job_stop is not None
-                            or (self.active and (self.limit is None or self.started < self.limit)))
-        return {"round": self.round, "count": count, "next_job": self.next_job,
-                "active": self.active and current, "busy": busy, "completed": done}
+        done, self.completed = self.completed, 0
+        busy = current and (self.job_stop is not None or self._computing())
+        return {"round": self.round, "finishes": list(self.finishes) if current else [],
+                "horizon": self._horizon() if current else INF, "stamp": self.stamp,
+                "next_job": self.next_job, "busy": busy, "completed": done}
 
     def _batch(self, r: int, b: int) -> WorkerBatch | None:
         with self.cv:
@@ -243,19 +278,19 @@ class WorkerActor:
     def allreduce(self, r: int, b: int, epoch: int) -> dict:
         """AllReduce aggregation of round ``r`` with this worker's first ``b`` gradients.
 
-        One AllReduce of [vector, accepted count, rejected count, live flag, env steps], where the
-        vector is the sum g_w (Rennala, sync) or g_w / b_w (Malenia). Every worker then forms the
-        same aggregate and NIGT step (the one of RoundAlgorithm.finish_round) on its own copy of
-        the NIGT state; the step is committed when the next round begins.
+        One AllReduce of [contribution, accepted count, rejected count, live flag, env steps],
+        the contribution being the protocol's (e.g. the sum g_w, or the mean g_w / b_w). Every
+        worker then finishes the round on its own copy of the protocol with the same numbers; the
+        step is committed when the next round begins.
         """
         import torch
         import torch.distributed as dist
         if epoch != self.group_epoch or self.pg is None:
             raise RuntimeError(f"worker {self.w}: process group epoch {self.group_epoch}, driver expects {epoch}")
         batch = self._batch(r, b)
-        dim = self.nigt.theta.shape[0]
+        dim = self.protocol.theta.shape[0]
         count = batch.count if batch else 0
-        vec = agg.contribution(self.rule, batch.grad_sum, count) if count else np.zeros(dim)
+        vec = self.protocol.contribution(batch) if count else np.zeros(dim)
         buf = np.concatenate([vec, [count, batch.rejected if batch else 0, 1.0 if count > 0 else 0.0,
                                     batch.env_steps if batch else 0]])
         t0 = time.time()
@@ -264,18 +299,17 @@ class WorkerActor:
         if self.inject and self.times.allreduce > 0:
             time.sleep(max(0.0, self.times.allreduce - (time.time() - t0)))
         total, rejected, live, env_steps = (int(round(x)) for x in buf[dim:])
-        state, update = reduced_step(self.nigt, self.rule, buf[:dim], total, live, self.alpha, self.eta,
-                                     rejected, np.zeros(0), env_steps)
-        ok, stepped, grad_norm = update.used > 0, update.stepped, update.grad_norm
+        after = copy.deepcopy(self.protocol)
+        update = after.finish_reduction(Reduction(buf[:dim] if total else None, total, live, rejected,
+                                                  np.zeros(0), env_steps))
         with self.cv:
-            self.pending = (r, state)
-        return {"digest": digest(state.theta), "state": state if self.rank == 0 else None,
-                "ok": ok, "stepped": stepped, "grad_norm": grad_norm, "total": int(total),
-                "rejected": int(rejected), "env_steps": int(env_steps), "point_digest": self.point_digest,
+            self.pending = (r, after)
+        return {"digest": digest(after.theta), "state": after.get_state() if self.rank == 0 else None,
+                "update": update, "point_digest": self.point_digest,
                 "returns": batch.returns if batch else np.zeros(0)}
 
-    # ------------------------------------------------------------------ AFedPG
-    def afedpg_job(self, point: np.ndarray, job: int, origin: float) -> WorkerBatch | None:
+    # ------------------------------------------------------------------ per gradient
+    def gradient_job(self, point: np.ndarray, job: int, origin: float) -> WorkerBatch | None:
         """One gradient at ``point`` (after the injected download, before the injected upload)."""
         stop = threading.Event()
         with self.cv:
@@ -283,7 +317,9 @@ class WorkerActor:
         try:
             if self.inject and self.comm > 0 and stop.wait(self.comm):
                 return None
-            batch = self._run_job(np.asarray(point), job, stop)
+            start = time.time()
+            duration = self.times.compute(self.w, job, start - self.origin) if self.inject else 0.0
+            batch = self._run_job(np.asarray(point), job, stop, start + duration)
             if batch is None or (self.inject and self.comm > 0 and stop.wait(self.comm)):
                 return None
             return batch
@@ -295,7 +331,7 @@ class WorkerActor:
     def _compute_loop(self) -> None:
         while True:
             with self.cv:
-                while not self.closing and not (self.active and (self.limit is None or self.started < self.limit)):
+                while not self.closing and not self._computing():
                     self.cv.wait()
                 if self.closing:
                     return
@@ -305,11 +341,22 @@ class WorkerActor:
                 self.started += 1
                 stop = threading.Event()
                 self.job_stop = stop
+                start_wall = max(time.time(), self.not_before)
+                target = start_wall
+                if self.inject:
+                    # Nominal times as in the simulator: begin + exact sum of the durations.
+                    duration = self.times.compute(self.w, job, start_wall - self.origin)
+                    self.elapsed += Fraction(duration)
+                    self.inflight_finish = self.nominal_begin + float(self.elapsed)
+                    target = start_wall + duration
+                    self.busy_until = target
+                    self.stamp += 1
+                    self.cv.notify_all()
                 wait = self.not_before - time.time()
             batch = None
             try:
                 if wait <= 0 or not stop.wait(wait):  # injected download of the round's point
-                    batch = self._run_job(point, job, stop, sample)
+                    batch = self._run_job(point, sample, stop, target)
             except Exception as exc:  # a bug or a broken env: reported to the driver, which stops
                 import traceback
                 with self.cv:
@@ -317,22 +364,21 @@ class WorkerActor:
                     self.active = False
             with self.cv:
                 self.job_stop = None
+                finished = self.inflight_finish if self.inject else time.time() - self.round_wall
+                self.inflight_finish = None
                 if batch is not None:
                     self.completed += 1
                     if self.round == r and self.active:
                         self.results.append(batch)
+                        self.finishes.append(finished)
+                self.stamp += 1
                 self.cv.notify_all()
 
-    def _run_job(self, point: np.ndarray, job: int, stop: threading.Event,
-                 sample: int | None = None) -> WorkerBatch | None:
-        """One trajectory of job (w, job) at ``point``, drawn from the stream of ``sample``
-        (default: the job index), padded to the time model's compute time when delays are
-        injected; None if ``stop`` was set before it finished."""
-        start = time.time()
-        target = start + self.times.compute(self.w, job, start - self.origin) if self.inject else start
+    def _run_job(self, point: np.ndarray, sample: int, stop: threading.Event, target: float) -> WorkerBatch | None:
+        """One trajectory at ``point`` drawn from the stream of job key ``sample``, padded to the
+        epoch ``target`` when delays are injected; None if ``stop`` was set before it finished."""
         try:  # the oracle checks ``stop`` before every env step: cancellation within one step
-            out = self.oracle.gradients(point, [(self.w, job if sample is None else sample)],
-                                        should_stop=stop.is_set)
+            out = self.oracle.gradients(point, [(self.w, sample)], should_stop=stop.is_set)
         except Cancelled:
             return None
         if out is None or stop.is_set():

@@ -1,16 +1,18 @@
 """The exact discrete-event simulator: a heap of (finish time, worker, job) on a virtual clock.
 
-It drives any protocol of apga.protocol.algorithms. Gradient *values* are asked from the oracle
-only for the jobs an update consumes: a round's stop rule depends on counts alone, so the event
-loop first decides which jobs finish in time, then one batched oracle call computes exactly those
-(cancelled or discarded jobs cost only their simulated time).
+It drives any protocol (apga/protocol/base.py) and never names a method: it executes the two
+schedule families. Gradient *values* are asked from the oracle only for the jobs an update
+consumes: a round's stop rule depends on counts alone, so the event loop first decides which jobs
+finish in time, then one batched oracle call computes exactly those (cancelled or discarded jobs
+cost only their simulated time).
 
-Timelines (DESIGN 5):
-- server aggregation: the new point reaches worker i after comm[i]; at the stop every worker with
-  b_i > 0 uploads its sum (from the moment it stopped computing), the update happens when the
-  last upload arrives, and the next round starts then;
-- allreduce: no download (every worker applies the same step itself); one AllReduce after the stop;
-- AFedPG: gradient done -> upload comm[i] -> server step on arrival -> new point after comm[i].
+Timelines (docs/algorithms.md, "The time model"):
+- rounds, server aggregation: the new point reaches worker i after comm[i]; at the stop every
+  worker with b_i > 0 uploads its contribution (from the moment it stopped computing), the update
+  happens when the last upload arrives, and the next round starts then;
+- rounds, allreduce: no download (every worker applies the same step itself); one AllReduce after
+  the stop;
+- per gradient: gradient done -> upload comm[i] -> server step on arrival -> new point after comm[i].
 
 The whole object except oracle and time model is plain data, so pickling it is a checkpoint.
 """
@@ -18,12 +20,13 @@ from __future__ import annotations
 
 import heapq
 from fractions import Fraction
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from apga.errors import ApgaError
 from apga.oracle.base import Oracle, WorkerBatch
-from apga.protocol.algorithms import AFedPG, RoundAlgorithm, Update
+from apga.protocol.base import RoundTally, Update
 from apga.rng import round_sample
 from apga.runtime.timing import TimeModel
 
@@ -47,7 +50,8 @@ class Event:
     time: float
     update: Update
     round_start: float
-    stop: float  # when the last consumed gradient finished (AFedPG: arrival at the server)
+    stop: float  # when the last consumed gradient finished (per gradient: arrival at the server)
+    counts: list = field(default_factory=list)  # gradients consumed per worker
 
 
 class Simulator:
@@ -55,8 +59,7 @@ class Simulator:
 
     def __init__(self, algorithm, oracle: Oracle, times: TimeModel, aggregation: str = "server",
                  cancel: bool = True, streams: str = "job"):
-        if isinstance(algorithm, AFedPG) and aggregation != "server":
-            raise ValueError("AFedPG has no AllReduce form: use aggregation: server")
+        assert aggregation == "server" or algorithm.supports_allreduce  # validated by the config
         self.alg = algorithm
         self.n = algorithm.n
         self.aggregation, self.cancel = aggregation, cancel
@@ -65,8 +68,8 @@ class Simulator:
         self.next_job = [0] * self.n  # job counter per worker: keys the random streams
         self.busy_until = [0.0] * self.n  # cancel: false -> a stale job occupies the worker
         self.totals = Totals()
-        self.in_flight: list = []  # AFedPG heap: (arrival at server, worker, job, version, point)
-        self.afedpg_ready: dict = {}  # AFedPG: in-flight gradients computed ahead, by (worker, job)
+        self.in_flight: list = []  # per gradient: heap of (arrival at server, worker, job, version, point)
+        self.computed_ahead: dict = {}  # per gradient: in-flight gradients computed ahead, by (worker, job)
         # Optional record of every job: (version, worker, job, start, finish, status) with status
         # used | cancelled | discarded. Off by default (it grows with the run); tests turn it on.
         self.trace: list | None = None
@@ -101,11 +104,11 @@ class Simulator:
 
     def step(self) -> Event:
         """Advance the clock to the next model update and perform it."""
-        if isinstance(self.alg, AFedPG):
-            return self._afedpg_step()
+        if self.alg.schedule == "per_gradient":
+            return self._gradient_step()
         return self._round_step()
 
-    # --- Rennala / Malenia / synchronous rounds -------------------------------------------
+    # --- rounds ------------------------------------------------------------------------------
     def _round_step(self) -> Event:
         alg, n, comm = self.alg, self.n, self.times.comm
         t0, server = self.clock, self.aggregation == "server"
@@ -120,29 +123,23 @@ class Simulator:
             elapsed[i] += Fraction(duration)
             heap.append((begin[i] + float(elapsed[i]), i, job))
         heapq.heapify(heap)
-        counts = [0] * n
+        tally = RoundTally(alg)
         used = []  # (worker, job) of every gradient this round consumes, in finishing order
         stopped_at = [t0] * n  # when each worker stopped computing for this round
-        while True:
+        # Gradients in finishing order; the tally says which are consumed (ties at the stop too).
+        while heap and tally.offer(heap[0][0], heap[0][1]):
             finish, i, job = heapq.heappop(heap)
             self._record(alg.version, i, job, finish, "used")
-            counts[i] += 1
             used.append((i, job))
             stopped_at[i] = finish
-            if alg.round_done(counts):
-                stop = finish
-                break
-            if alg.keeps_working(counts, i):
+            if tally.keeps_working(i):
                 duration, job = self._start_job(i, finish)
                 elapsed[i] += Fraction(duration)
                 heapq.heappush(heap, (begin[i] + float(elapsed[i]), i, job))
-        # Gradients completing at the very moment of the stop have completed: they count too.
-        while heap and heap[0][0] == stop:
-            finish, i, job = heapq.heappop(heap)
-            self._record(alg.version, i, job, finish, "used")
-            counts[i] += 1
-            used.append((i, job))
-            stopped_at[i] = finish
+        if not tally.done:
+            raise ApgaError(f"{type(alg).__name__}: every worker reached its quota but round_done() still "
+                            f"says no (counts {tally.counts}): the protocol's round can never stop")
+        stop, counts = tally.stop, tally.counts
         # Jobs still in flight were started at this round's point: cancelled at the stop, or
         # (cancel: false) finished later and discarded, occupying their worker until then.
         for finish, i, job in sorted(heap):
@@ -151,10 +148,10 @@ class Simulator:
                 self.busy_until[i] = finish
                 self.totals.trajectories_computed += 1
         if server:
-            # A worker still computing at the stop uploads then; a sync worker that met its
-            # quota uploads as soon as it is done.
+            # A worker still computing at the stop uploads then; one that met its quota uploads
+            # as soon as it is done.
             uploaders = [i for i in range(n) if counts[i]]
-            done = max((stop if alg.keeps_working(counts, i) else stopped_at[i]) + comm[i] for i in uploaders)
+            done = max((stopped_at[i] if _met_quota(alg, counts, i) else stop) + comm[i] for i in uploaders)
             self.totals.vector_comms += n + len(uploaders)
         else:
             done = stop + self.times.allreduce
@@ -165,9 +162,9 @@ class Simulator:
         update = alg.finish_round(batches)
         self.clock = done
         self._count(update, computed=len(used))
-        return Event(done, update, t0, stop)
+        return Event(done, update, t0, stop, list(counts))
 
-    # --- AFedPG ----------------------------------------------------------------------------
+    # --- per gradient ------------------------------------------------------------------------
     def _dispatch(self, worker: int, ready: float) -> None:
         """Hand ``worker`` the current point at time ``ready`` (already downloaded)."""
         version, point = self.alg.current_point()
@@ -175,7 +172,7 @@ class Simulator:
         arrival = ready + duration + self.times.comm[worker]
         heapq.heappush(self.in_flight, (arrival, worker, job, version, point))
 
-    def _afedpg_step(self) -> Event:
+    def _gradient_step(self) -> Event:
         comm = self.times.comm
         if not self.in_flight and self.totals.iteration == 0:
             for i in range(self.n):
@@ -183,21 +180,21 @@ class Simulator:
                 self.totals.vector_comms += 1
         arrival, worker, job, version, point = heapq.heappop(self.in_flight)
         self._record(version, worker, job, arrival - comm[worker], "used")
-        batch = self._afedpg_gradient(worker, job, point)
+        batch = self._gradient_of(worker, job, point)
         update = self.alg.apply(batch, version)
         self.clock = arrival
         self.totals.vector_comms += 2  # this upload and the download of the new point
         self._dispatch(worker, arrival + comm[worker])
         self._count(update, computed=1)
-        return Event(arrival, update, arrival, arrival)
+        return Event(arrival, update, arrival, arrival, [int(i == worker) for i in range(self.n)])
 
-    def _afedpg_gradient(self, worker: int, job: int, point: np.ndarray) -> WorkerBatch:
+    def _gradient_of(self, worker: int, job: int, point: np.ndarray) -> WorkerBatch:
         """The gradient of job (worker, job) at ``point``, computed in a batch with every other
         in-flight job not computed yet (each at its own point, all already known), in one
         ``gradients_many`` call: a batched rollout, spread over the oracle's processes. Each
         result equals the one-by-one ``gradients(point, [(worker, job)])`` bit for bit; the
-        others wait in ``afedpg_ready`` (at most one per worker) until their arrival."""
-        ready = self.afedpg_ready
+        others wait in ``computed_ahead`` (at most one per worker) until their arrival."""
+        ready = self.computed_ahead
         if (worker, job) not in ready:
             todo = [(worker, job, point)] + [(w, j, p) for _, w, j, _, p in sorted(self.in_flight, key=lambda e: e[:3])
                                               if (w, j) not in ready]
@@ -213,3 +210,8 @@ class Simulator:
         t.trajectories_computed += computed
         t.env_steps += update.env_steps
         t.rejected += update.rejected
+
+
+def _met_quota(protocol, counts, worker: int) -> bool:
+    quota = protocol.quota(worker)
+    return quota is not None and counts[worker] >= quota
