@@ -17,17 +17,17 @@ __all__ = ["Config", "load_config", "train", "resume", "read_metrics", "ApgaErro
 
 def train(cfg, out_dir, force=False, progress=True):
     """Run ``cfg`` into ``out_dir``; returns a RunResult(out_dir, summary)."""
-    from apga.training import train as _train
+    from apga.run import train as _train
     return _train(cfg, out_dir, force=force, progress=progress)
 
 
 def resume(out_dir, progress=True):
     """Continue the run in ``out_dir`` from its last checkpoint."""
-    from apga.training import resume as _resume
+    from apga.run import resume as _resume
     return _resume(out_dir, progress=progress)
 
 
 def read_metrics(out_dir):
     """A run's metrics.csv as a dict of float numpy arrays (empty cells are nan)."""
-    from apga.training import read_metrics as _read
+    from apga.run import read_metrics as _read
     return _read(out_dir)

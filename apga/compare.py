@@ -1,6 +1,6 @@
 """Compare methods over seeds (and settings): plan, validate, run in parallel, aggregate, plot.
 
-A compare config (YAML) describes settings x variants x seeds, each one ``apga.training.train`` run::
+A compare config (YAML) describes settings x variants x seeds, each one ``apga.run.train`` run::
 
     base_file: ../quickstart.yaml      # or  base: {<a full train config mapping>}
     seeds: 5                           # N (seeds 0..N-1) or an explicit list [0, 3, 7]
@@ -483,7 +483,7 @@ def _execute(task: tuple) -> tuple:
             torch.set_num_threads(1)
         except ImportError:  # pragma: no cover
             pass
-        from apga import training
+        from apga import run as training
         if mode == "resume":
             result = training.resume(out_dir, progress=False)
         else:
@@ -534,7 +534,7 @@ def run_fraction(run: Run, not_before: float = 0.0) -> float:
     row = _last_row(path)
     if row is None:
         return 0.0
-    from apga.training import budget_progress
+    from apga.run.loop import budget_progress
     done = budget_progress(run.cfg.budget, row.get("time", 0.0), row.get("trajectories", 0.0), row.get("iteration", 0.0))
     return float(min(1.0, done))
 
@@ -654,7 +654,7 @@ def execute(plan: Plan, jobs: int | None = None, force: bool = False, progress: 
 # --------------------------------------------------------------------------------------------
 
 def _eval_rows(out_dir: str) -> dict:
-    from apga.training import read_metrics
+    from apga.run import read_metrics
     m = read_metrics(out_dir)
     ok = ~np.isnan(m["eval_return"])
     return {k: m[k][ok] for k in ("time", "trajectories", "vector_comms", "eval_return")}

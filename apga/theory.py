@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 # The stop rules are the protocol's own, so theory and simulator cannot disagree on them.
-from apga.protocol.malenia_nigt import MALENIA_RTOL, malenia_stop  # noqa: F401
+from apga.protocol.malenia_nigt import malenia_stop
 from apga.protocol.rennala_nigt import rennala_stop
 from apga.protocol.sync_nigt import sync_quota
 

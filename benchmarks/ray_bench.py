@@ -27,7 +27,7 @@ import time
 
 from apga.config import load_config, to_dict
 from apga.runtime import ray_session
-from apga.training import build_oracle, build_runtime
+from apga.run.build import build_oracle, build_runtime
 
 
 def make_cfg(args, runtime: str, inject: bool):

@@ -17,8 +17,9 @@ from apga.oracle.synthetic import SyntheticOracle
 from apga.protocol.afedpg import AFedPG
 from apga.protocol.registry import make_protocol
 from apga.protocol.rennala_nigt import RennalaNIGT
-from apga.training import COLUMNS, read_metrics
-from apga.training import train as run_train
+from apga.run import read_metrics
+from apga.run import train as run_train
+from apga.run.logger import COLUMNS
 
 
 def config(name: str, nan_prob: float, iterations: int = 150, **algorithm) -> dict:
@@ -146,7 +147,7 @@ def test_all_gradients_nan_stops_with_one_line(tmp_path, capsys, name):
 
 def test_mostly_nan_later_stops(tmp_path, monkeypatch):
     """A run that had finite gradients and then gets none for STALL_LIMIT updates stops too."""
-    import apga.training as T
+    import apga.run.loop as T
     monkeypatch.setattr(T, "STALL_LIMIT", 30)
     from apga.runtime.simulator import Simulator
     real = Simulator._gradient_of

@@ -8,7 +8,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
-import apga.training as train_mod
+import apga.run.loop as train_mod
 from apga import config as cfgmod
 from apga.config import EnvConfig, PolicyConfig
 from apga.oracle import parallel

@@ -25,7 +25,7 @@ from apga.config import load_config  # noqa: E402
 from apga.errors import ApgaError  # noqa: E402
 from apga.runtime import ray_session  # noqa: E402
 from apga.runtime.ray_runtime import RayRuntime  # noqa: E402
-from apga.training import build_oracle, build_runtime  # noqa: E402
+from apga.run.build import build_oracle, build_runtime  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
@@ -187,9 +187,9 @@ class TestLocal:
             sim_oracle.close()
 
     def test_trainer_runs_afedpg_and_checkpoints_on_ray(self, tmp_path):
-        """apga.training.train with runtime: ray and AFedPG: one gradient per update, one vector each way,
+        """apga.run.train with runtime: ray and AFedPG: one gradient per update, one vector each way,
         metrics on the wall clock, a checkpoint whose runtime unpickles without Ray."""
-        from apga.training import read_metrics, train
+        from apga.run import read_metrics, train
         cfg = load_config({**_as_dict(config("afedpg", "server")), "eval": {"every": 2, "episodes": 2},
                            "budget": {"iterations": 6}})
         res = train(cfg, str(tmp_path / "run"), progress=False)

@@ -25,8 +25,9 @@ import pytest
 import yaml
 
 import apga
-from apga.training import COLUMNS, Trainer
-from apga.training import train as run_train
+from apga.run import train as run_train
+from apga.run.logger import COLUMNS
+from apga.run.loop import Trainer
 
 SLOW_ENV = "APGA_TEST_SLOW_WRITES"
 

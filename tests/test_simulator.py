@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from apga.oracle.synthetic import SyntheticOracle
-from apga.protocol.afedpg import AFedPG
 from apga.protocol.registry import make_protocol
 from apga.runtime.simulator import Simulator
 from apga.runtime.timing import TimeModel

@@ -97,7 +97,7 @@ def test_user_protocol_runs_on_ray(monkeypatch):
     the actors import this module: PYTHONPATH reaches them as it reaches a user's)."""
     pytest.importorskip("ray")
     from apga.runtime import ray_session
-    from apga.training import build_oracle, build_runtime
+    from apga.run.build import build_oracle, build_runtime
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]))
     session = ray_session.start_local(2)
     cfg = config(algorithm__aggregation="allreduce", runtime__name="ray", runtime__inject_delays=True,

@@ -355,7 +355,7 @@ def _config(env_id: str, kwargs: dict, horizon: int, n: int, processes: int, rol
 
 def measure_round_cost(oracle, env_id, kwargs, horizon, processes, rollout_batch, rounds, seed) -> dict:
     """Median wall seconds of one Rennala round per worker count, rounds interleaved across n."""
-    from apga.training import build_runtime
+    from apga.run.build import build_runtime
     sims = {n: build_runtime(_config(env_id, kwargs, horizon, n, processes, rollout_batch, seed), oracle)
             for n in ROUND_WORKERS}
     for sim in sims.values():
@@ -405,7 +405,7 @@ def run(args) -> int:
     opts = _check_args(args)
     _require_sb3()
     from apga.oracle.parallel import resolve_processes
-    from apga.training import build_oracle, build_runtime
+    from apga.run.build import build_oracle, build_runtime
 
     seconds, horizon, seed = opts["seconds"], opts["horizon"], args.seed
     cores = resolve_processes(args.processes)

@@ -44,7 +44,7 @@ def run(args) -> int:
 
 def _run(args) -> int:
     from apga import config as cfgmod
-    from apga.training import resume, train
+    from apga.run import resume, train
 
     if args.resume:
         if args.config or args.out or args.overrides or args.force:

@@ -43,7 +43,7 @@ import functools
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import ray  # noqa: F401  (missing Ray fails here: build_runtime turns that into a ConfigError)
@@ -51,7 +51,7 @@ import ray  # noqa: F401  (missing Ray fails here: build_runtime turns that into
 from apga.errors import ApgaError
 from apga.protocol.base import RoundTally, Update
 from apga.runtime.ray_worker import INF, WorkerActor, digest
-from apga.runtime.simulator import Event, Totals
+from apga.runtime.base import Event, Runtime, Totals
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def _first_line(exc) -> str:
 
 
 def _default_oracle(cfg):
-    from apga.training import build_oracle
+    from apga.oracle.factory import build_oracle
     return build_oracle(cfg)
 
 
@@ -91,7 +91,7 @@ def _ray():
     return ray_session._import_ray()
 
 
-class RayRuntime:
+class RayRuntime(Runtime):
     """``RayRuntime(cfg, algorithm, oracle, times)``: ``oracle`` serves evaluation on the driver;
     every actor builds its own with ``oracle_factory`` (default: from ``cfg`` as the Trainer does).
 
@@ -414,7 +414,7 @@ class RayRuntime:
                 continue
             break
         self.clock = self._now()
-        self._count(update)
+        self.count(update)
         return RayEvent(self.clock, update, t_start, t_stop, counts=list(tally.counts),
                         restarts=self.restarts - restarts0)
 
@@ -545,13 +545,6 @@ class RayRuntime:
             self.totals.vector_comms += 1  # the upload; the new point is counted by _dispatch
             self.totals.trajectories_computed += 1
             self._dispatch(w)
-            self._count(update)
+            self.count(update)
             return RayEvent(self.clock, update, self.clock, self.clock, counts=[int(i == w) for i in range(self.n)],
                             restarts=self.restarts - restarts0, worker=w)
-
-    def _count(self, update: Update) -> None:
-        t = self.totals
-        t.iteration += 1
-        t.trajectories += update.used
-        t.env_steps += update.env_steps
-        t.rejected += update.rejected

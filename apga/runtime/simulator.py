@@ -20,41 +20,18 @@ from __future__ import annotations
 
 import heapq
 from fractions import Fraction
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from apga.errors import ApgaError
 from apga.oracle.base import Oracle, WorkerBatch
-from apga.protocol.base import RoundTally, Update
+from apga.protocol.base import RoundTally
 from apga.rng import round_sample
+from apga.runtime.base import Event, Runtime, Totals
 from apga.runtime.timing import TimeModel
 
 
-@dataclass
-class Totals:
-    """Running counters logged with every update."""
-
-    iteration: int = 0  # model updates
-    trajectories: int = 0  # gradients used by updates
-    trajectories_computed: int = 0  # gradients completed, incl. discarded (cancelled ones excluded)
-    env_steps: int = 0
-    vector_comms: int = 0  # d-vector transfers; one AllReduce counts as one
-    rejected: int = 0  # non-finite gradients dropped
-
-
-@dataclass
-class Event:
-    """One update as the simulator saw it."""
-
-    time: float
-    update: Update
-    round_start: float
-    stop: float  # when the last consumed gradient finished (per gradient: arrival at the server)
-    counts: list = field(default_factory=list)  # gradients consumed per worker
-
-
-class Simulator:
+class Simulator(Runtime):
     streams = "job"  # class default: checkpoints written before runtime.streams existed
 
     def __init__(self, algorithm, oracle: Oracle, times: TimeModel, aggregation: str = "server",
@@ -78,9 +55,6 @@ class Simulator:
     def attach(self, oracle: Oracle, times: TimeModel) -> None:
         """(Re)connect the non-picklable parts, e.g. after loading a checkpoint."""
         self.oracle, self.times = oracle, times
-
-    def close(self) -> None:
-        """Nothing to release: the oracle is closed by its owner."""
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -161,7 +135,7 @@ class Simulator:
         batches = self.oracle.gradients(alg.round_point(), used)
         update = alg.finish_round(batches)
         self.clock = done
-        self._count(update, computed=len(used))
+        self.count(update, computed=len(used))
         return Event(done, update, t0, stop, list(counts))
 
     # --- per gradient ------------------------------------------------------------------------
@@ -185,7 +159,7 @@ class Simulator:
         self.clock = arrival
         self.totals.vector_comms += 2  # this upload and the download of the new point
         self._dispatch(worker, arrival + comm[worker])
-        self._count(update, computed=1)
+        self.count(update, computed=1)
         return Event(arrival, update, arrival, arrival, [int(i == worker) for i in range(self.n)])
 
     def _gradient_of(self, worker: int, job: int, point: np.ndarray) -> WorkerBatch:
@@ -202,14 +176,6 @@ class Simulator:
             for (w, j, _), res in zip(todo, results):
                 ready[(w, j)] = res[w]
         return ready.pop((worker, job))
-
-    def _count(self, update: Update, computed: int) -> None:
-        t = self.totals
-        t.iteration += 1
-        t.trajectories += update.used
-        t.trajectories_computed += computed
-        t.env_steps += update.env_steps
-        t.rejected += update.rejected
 
 
 def _met_quota(protocol, counts, worker: int) -> bool:
