@@ -31,8 +31,3 @@ def round_sample(round_index: int, index: int) -> int:
     if not (0 <= index < 2**32 and 0 <= round_index < 2**31):
         raise ValueError(f"round sample key out of range: round {round_index}, index {index}")
     return (1 << 63) | (round_index << 32) | index  # top bit: never equal to a plain job index
-
-
-def seed_int(seed: int, purpose: int, worker: int = 0, job: int = 0) -> int:
-    """A 31-bit integer seed for libraries that want one (Gymnasium env.reset)."""
-    return int(stream(seed, purpose, worker, job).integers(0, 2**31 - 1))

@@ -22,9 +22,7 @@ from __future__ import annotations
 import csv
 import math
 import os
-from typing import Any, Sequence
-
-import numpy as np
+from typing import Any
 
 from apga import rng
 from apga.errors import ConfigError
@@ -92,14 +90,6 @@ class ComputeTime:
             self.kind, self.trace = "trace", load_trace(spec["trace"], n, f"{key}.trace")
         else:
             self.means = per_worker_values(spec, n, key)
-
-    def mean_times(self) -> list[float]:
-        """Per-worker mean seconds (schedule: the first segment; trace: trace means)."""
-        if self.kind == "schedule":
-            return self.segments[0][1]
-        if self.kind == "trace":
-            return [float(np.mean(t)) for t in self.trace]
-        return self.means
 
     def __call__(self, worker: int, job: int, start: float) -> float:
         if self.kind == "constant":
