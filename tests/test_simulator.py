@@ -199,6 +199,19 @@ def test_with_cancel_false_a_busy_worker_joins_only_when_its_stale_job_ends():
     assert sim.totals.trajectories_computed == sim.totals.trajectories + discarded
 
 
+@pytest.mark.parametrize("cancel", [True, False])
+def test_a_worker_whose_download_lands_after_the_stop_starts_nothing(cancel):
+    """Worker 1's point arrives at 5.0, after the round stopped at 1.0 (worker 0, M = 1): its job
+    never starts, so with cancel: false it does not block worker 1 in the next round either."""
+    sim = make_sim("rennala_nigt", [0.5, 0.5], M=1, comm=[0.5, 5.0], cancel=cancel)
+    sim.enable_trace()
+    for _ in range(3):
+        sim.step()
+    assert [r[5] for r in sim.trace if r[1] == 1] == ["unstarted"] * 3
+    assert sim.busy_until == [0.0, 0.0] and sim.totals.trajectories_computed == 3
+    assert round_durations(sim, 1)[0] == pytest.approx(0.5 + 0.5 + 0.5)  # download, job, upload of worker 0
+
+
 @pytest.mark.parametrize("name", ["rennala_nigt", "malenia_nigt", "sync_nigt", "afedpg"])
 def test_same_seed_gives_identical_events(name):
     def run(seed):

@@ -174,7 +174,9 @@ class WorkerActor:
             self.halted = max(self.halted, r)
             if self.round == r and self.active:
                 self.active = False
-                if self.cancel and self.job_stop is not None:
+                # cancel: abandon the job in flight; cancel: false lets it finish, but a job still
+                # waiting for the round's download never starts (as in the simulator)
+                if self.job_stop is not None and (self.cancel or time.time() < self.not_before):
                     self.job_stop.set()
                 self.stamp += 1
                 self.cv.notify_all()

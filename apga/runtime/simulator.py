@@ -48,7 +48,7 @@ class Simulator(Runtime):
         self.in_flight: list = []  # per gradient: heap of (arrival at server, worker, job, version, point)
         self.computed_ahead: dict = {}  # per gradient: in-flight gradients computed ahead, by (worker, job)
         # Optional record of every job: (version, worker, job, start, finish, status) with status
-        # used | cancelled | discarded. Off by default (it grows with the run); tests turn it on.
+        # used | cancelled | discarded | unstarted (its download arrived after the stop). Off by default (it grows with the run); tests turn it on.
         self.trace: list | None = None
         self.attach(oracle, times)
 
@@ -95,30 +95,35 @@ class Simulator(Runtime):
         for i in range(n):
             duration, job = self._start_job(i, begin[i])
             elapsed[i] += Fraction(duration)
-            heap.append((begin[i] + float(elapsed[i]), i, job))
+            heap.append((begin[i] + float(elapsed[i]), i, job, begin[i]))
         heapq.heapify(heap)
         tally = RoundTally(alg)
         used = []  # (worker, job) of every gradient this round consumes, in finishing order
         stopped_at = [t0] * n  # when each worker stopped computing for this round
         # Gradients in finishing order; the tally says which are consumed (ties at the stop too).
         while heap and tally.offer(heap[0][0], heap[0][1]):
-            finish, i, job = heapq.heappop(heap)
+            finish, i, job, _ = heapq.heappop(heap)
             self._record(alg.version, i, job, finish, "used")
             used.append((i, job))
             stopped_at[i] = finish
             if tally.keeps_working(i):
                 duration, job = self._start_job(i, finish)
                 elapsed[i] += Fraction(duration)
-                heapq.heappush(heap, (begin[i] + float(elapsed[i]), i, job))
+                heapq.heappush(heap, (begin[i] + float(elapsed[i]), i, job, finish))
         if not tally.done:
             raise ApgaError(f"{type(alg).__name__}: every worker reached its quota but round_done() still "
                             f"says no (counts {tally.counts}): the protocol's round can never stop")
         stop, counts = tally.stop, tally.counts
         # Jobs still in flight were started at this round's point: cancelled at the stop, or
-        # (cancel: false) finished later and discarded, occupying their worker until then.
-        for finish, i, job in sorted(heap):
-            self._record(alg.version, i, job, finish, "cancelled" if self.cancel else "discarded")
-            if not self.cancel:
+        # (cancel: false) finished later and discarded, occupying their worker until then. A job
+        # whose start (the download's arrival) is after the stop never starts at all; one that
+        # starts at the very instant of the stop has started (events at one instant are handled
+        # in worker order, as in the Rennala reference simulator).
+        for finish, i, job, start in sorted(heap):
+            started = start <= stop
+            status = ("cancelled" if self.cancel else "discarded") if started else "unstarted"
+            self._record(alg.version, i, job, finish, status)
+            if started and not self.cancel:
                 self.busy_until[i] = finish
                 self.totals.trajectories_computed += 1
         if server:
