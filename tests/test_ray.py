@@ -161,13 +161,17 @@ class TestLocal:
             oracle.close()
             sim_oracle.close()
 
-    def test_trainer_runs_afedpg_and_checkpoints_on_ray(self, tmp_path):
+    def test_trainer_runs_afedpg_and_checkpoints_on_ray(self, tmp_path, capfd):
         """apga.run.train with runtime: ray and AFedPG: one gradient per update, one vector each way,
         metrics on the wall clock, a checkpoint whose runtime unpickles without Ray."""
         from apga.run import read_metrics, train
         cfg = load_config({**_as_dict(config("afedpg", "server")), "eval": {"every": 2, "episodes": 2},
                            "budget": {"iterations": 6}})
-        res = train(cfg, str(tmp_path / "run"), progress=False)
+        res = train(cfg, str(tmp_path / "run"), progress=True)
+        # the start-up stages are shown (stderr is not a terminal here: plain lines)
+        err = capfd.readouterr().err
+        assert "ray: up in" not in err  # this class's Ray was already running: not started again
+        assert re.search(r"ray: 2 actors up on 1 node\(s\) after [0-9.]+ s; first round running", err), err
         m = read_metrics(res.out_dir)
         assert list(m["iteration"]) == list(range(7)) and res.summary["runtime"] == "ray"
         assert list(np.diff(m["trajectories"])) == [1] * 6

@@ -129,6 +129,16 @@ class Progress:
             sys.stderr.flush()
             self.next_mark = math.floor(fraction * 20 + 1e-9) / 20 + 0.05
 
+    def note(self, message: str) -> None:
+        """A line about what is happening (e.g. a runtime's start-up), above the bar."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(message, file=sys.stderr)
+        else:
+            sys.stderr.write(message + "\n")
+            sys.stderr.flush()
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

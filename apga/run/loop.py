@@ -138,6 +138,7 @@ class Trainer:
         self.oracle = oracle  # evaluation
         self.log = RunLogger(self.out_dir, f"{cfg.algorithm.name} {cfg.env.id}", self.progress_enabled, resume_from)
         self.wall_start = time.perf_counter() - self.state["wall_offset"]
+        runtime.status = self.log.progress.note
         try:
             if resume_from is None:
                 self._log_row(runtime, None, initial=True)

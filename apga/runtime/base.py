@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Callable
 
 from apga.protocol.base import Protocol, Update
 
@@ -42,6 +43,9 @@ class Runtime(ABC):
     alg: Protocol
     totals: Totals
     clock: float
+    # Where a runtime reports what it is doing while no update comes (e.g. Ray's start-up
+    # stages); the training loop points it at its progress display. Not run state.
+    status: Callable[[str], None] | None = None
 
     @abstractmethod
     def step(self) -> Event:
@@ -54,6 +58,10 @@ class Runtime(ABC):
 
     def close(self) -> None:
         """Release processes and connections (the oracle is closed by its owner)."""
+
+    def say(self, message: str) -> None:
+        if self.status is not None:
+            self.status(message)
 
     def count(self, update: Update, computed: int = 0) -> None:
         """Add one update to the counters."""

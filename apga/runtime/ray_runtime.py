@@ -139,6 +139,7 @@ class RayRuntime(Runtime):
         state = self.__dict__.copy()
         for key in ("oracle", "times", "_session", "_actors"):
             state[key] = None
+        state.pop("status", None)
         state["_calls"] = {}
         if not isinstance(self.oracle_factory, functools.partial):
             state["oracle_factory"] = None
@@ -150,6 +151,10 @@ class RayRuntime(Runtime):
             return
         from apga.runtime import ray_session
         ray = _ray()
+        t0 = time.monotonic()
+        if not ray.is_initialized():
+            self.say(f"ray: joining the cluster at {self.address}" if self.address else
+                     "ray: starting a local Ray instance (loopback only, private temp dir)")
         self._session = ray_session.open_session(self.address)
         if self._session is not None:
             atexit.register(self._session.close)
@@ -158,6 +163,9 @@ class RayRuntime(Runtime):
             per_actor = math.floor(min(1.0, cpus / self.n) * 1e4) / 1e4  # Ray's resource granularity
             spec = {"n": self.n, "times": self.times, "inject": self.inject, "cancel": self.cancel,
                     "oracle_factory": self.oracle_factory}
+            if self._session is not None:
+                self.say(f"ray: up in {time.monotonic() - t0:.1f} s ({cpus:g} CPUs)")
+            self.say(f"ray: starting {self.n} worker actors")
             actor_cls = ray.remote(WorkerActor)
             self._actors = [
                 actor_cls.options(num_cpus=per_actor, max_restarts=self.cfg.runtime.max_restarts, max_task_retries=0,
@@ -175,6 +183,9 @@ class RayRuntime(Runtime):
             if self.aggregation == "allreduce":
                 ray.get([a.set_protocol.remote(self.alg) for a in self._actors])
             self._origin = time.time() - self.clock
+            nodes = len({info["node_id"] for info in self.worker_info})
+            self.say(f"ray: {self.n} actors up on {nodes} node(s) after {time.monotonic() - t0:.1f} s; "
+                     "first round running")
         except BaseException:
             self.close()
             raise

@@ -59,6 +59,7 @@ class Simulator(Runtime):
     def __getstate__(self):
         state = self.__dict__.copy()
         state["oracle"] = state["times"] = None
+        state.pop("status", None)
         return state
 
     def _start_job(self, worker: int, start: float) -> tuple[float, int]:
