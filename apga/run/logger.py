@@ -18,6 +18,9 @@ from apga.files import AppendLog
 
 COLUMNS = ["time", "iteration", "trajectories", "trajectories_computed", "env_steps", "vector_comms",
            "train_return", "eval_return", "grad_norm", "rejected"]
+# timings.csv (a real runtime's measured durations): the trace format of workers.compute_time /
+# comm_time / allreduce_time {trace: FILE}, with the kind of each row and the update it fell in.
+TIMING_COLUMNS = ["kind", "worker", "update", "seconds"]
 
 
 def _crc32c_table() -> list[int]:
@@ -149,14 +152,20 @@ class RunLogger:
     iteration (tb/) and evaluation return by runtime milliseconds (tb/time/: two TensorBoard
     runs, because a purge applies to every tag of a run alike), and the progress display.
 
-    ``resume_from`` = (csv bytes, iteration, last time step) of the checkpoint a resumed run
-    continues from: the CSV is cut back there and TensorBoard drops the later events."""
+    ``resume_from`` = the checkpoint a resumed run continues from (its csv_bytes, iteration,
+    time_step, timings_bytes): the CSVs are cut back there and TensorBoard drops later events."""
 
-    def __init__(self, out_dir: str, label: str, progress: bool, resume_from: tuple | None = None):
-        csv_bytes, iteration, time_step = resume_from if resume_from else (0, None, None)
-        self.csv = AppendLog(os.path.join(out_dir, "metrics.csv"), truncate_to=csv_bytes)
+    def __init__(self, out_dir: str, label: str, progress: bool, resume_from: dict | None = None):
+        r = resume_from or {}
+        self.csv = AppendLog(os.path.join(out_dir, "metrics.csv"), truncate_to=r.get("csv_bytes", 0))
         if resume_from is None:
             self.csv.write_line(",".join(COLUMNS))
+        self.timings_path, self.timings_log = os.path.join(out_dir, "timings.csv"), None
+        if r.get("timings_bytes"):
+            self.timings_log = AppendLog(self.timings_path, truncate_to=r["timings_bytes"])
+        elif os.path.exists(self.timings_path):
+            os.unlink(self.timings_path)  # written after the checkpoint by a killed process
+        iteration, time_step = r.get("iteration"), r.get("time_step")
         tb_dir = os.path.join(out_dir, "tb")
         self.tb = EventLog(tb_dir, purge_step=iteration + 1 if resume_from else None)
         self.tb_time = EventLog(os.path.join(tb_dir, "time"), purge_step=time_step + 1 if resume_from else None)
@@ -176,17 +185,31 @@ class RunLogger:
         if time_step is not None:
             self.tb_time.scalars(time_step, {"eval_return_vs_time": values["eval_return"]})
 
-    def sync(self) -> int:
-        """Everything logged so far on disk; returns the size of metrics.csv."""
+    def timings(self, rows) -> None:
+        """Append measured durations (kind, worker, update, seconds) to timings.csv."""
+        if not rows:
+            return
+        if self.timings_log is None:
+            self.timings_log = AppendLog(self.timings_path, truncate_to=0)
+            self.timings_log.write_line(",".join(TIMING_COLUMNS))
+        for kind, worker, update, seconds in rows:
+            self.timings_log.write_line(f"{kind},{worker},{update},{seconds!r}")
+
+    def sync(self) -> dict:
+        """Everything logged so far on disk; returns the sizes of the CSV files (what a
+        checkpoint records)."""
         self.tb.flush()
         self.tb_time.flush()
-        return self.csv.sync()
+        return {"csv_bytes": self.csv.sync(),
+                "timings_bytes": self.timings_log.sync() if self.timings_log is not None else 0}
 
     def close(self) -> None:
         self.progress.close()
         self.tb.close()
         self.tb_time.close()
         self.csv.close()
+        if self.timings_log is not None:
+            self.timings_log.close()
 
 
 def read_metrics(out_dir: str) -> dict[str, np.ndarray]:

@@ -107,8 +107,9 @@ class Trainer:
                 runtime.attach(oracle, build_times(cfg, oracle))
                 rundir.clean_temp_files(out_dir)
                 trainer.state = state
-                return trainer._loop(runtime, oracle, resume_from=(state["csv_bytes"], runtime.totals.iteration,
-                                                                   state["time_step"]))
+                return trainer._loop(runtime, oracle, resume_from={
+                    "csv_bytes": state["csv_bytes"], "timings_bytes": state.get("timings_bytes", 0),
+                    "iteration": runtime.totals.iteration, "time_step": state["time_step"]})
             finally:
                 oracle.close()
         finally:
@@ -133,7 +134,7 @@ class Trainer:
         return state
 
     # -- the loop ----------------------------------------------------------------------------
-    def _loop(self, runtime: Runtime, oracle, resume_from: tuple | None) -> RunResult:
+    def _loop(self, runtime: Runtime, oracle, resume_from: dict | None) -> RunResult:
         cfg = self.cfg
         self.oracle = oracle  # evaluation
         self.log = RunLogger(self.out_dir, f"{cfg.algorithm.name} {cfg.env.id}", self.progress_enabled, resume_from)
@@ -201,12 +202,13 @@ class Trainer:
         # Only deterministic values go into the CSV (wall time lives in summary.json), so the
         # same config and seed give a byte-identical file.
         self.log.row(values, initial, time_step)
+        self.log.timings(runtime.drain_timings())
         return train_ret if train_ret is not None else self.state["last_eval"]
 
     def _checkpoint(self, final: bool = False) -> None:
         # Order matters: the CSV lines and TensorBoard events up to this update are on disk
         # before the checkpoint that refers to them is renamed into place.
-        self.state["csv_bytes"] = self.log.sync()
+        self.state.update(self.log.sync())
         self.state["wall_offset"] = time.perf_counter() - self.wall_start
         rundir.write_checkpoint(self.out_dir, self.state)
         self._summary(self.state["runtime"], "finished" if final else "running")

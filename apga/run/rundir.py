@@ -10,7 +10,8 @@ import shutil
 from apga.errors import ApgaError
 from apga.files import atomic_pickle, atomic_write_text
 
-RUN_FILES = ("config.yaml", "metrics.csv", "checkpoint.pkl", "summary.json", "returns.png", "tb", ".lock")
+RUN_FILES = ("config.yaml", "metrics.csv", "timings.csv", "checkpoint.pkl", "summary.json", "returns.png", "tb",
+             ".lock")
 CHECKPOINT = "checkpoint.pkl"
 CHECKPOINT_VERSION = 3  # 3: protocols of apga/protocol/ (one class per method)
 LOCK_FILE = ".lock"

@@ -59,6 +59,11 @@ class Runtime(ABC):
     def close(self) -> None:
         """Release processes and connections (the oracle is closed by its owner)."""
 
+    def drain_timings(self) -> list:
+        """Measured durations since the last call, as (kind, worker, update, seconds) with kind
+        compute | download | upload | allreduce (a real runtime's record; the simulator has none)."""
+        return []
+
     def say(self, message: str) -> None:
         if self.status is not None:
             self.status(message)

@@ -109,6 +109,7 @@ class RayRuntime(Runtime):
         self.clock = 0.0
         self.next_job = [0] * self.n  # job counter per worker: keys the random streams
         self.totals = Totals()
+        self.timings: list = []  # measured (kind, worker, update, seconds) not yet logged (timings.csv)
         self.restarts = 0  # worker restarts seen
         self.resyncs = 0  # AllReduce: times the ranks disagreed and were reset to rank 0's state
         self._round_id = -1
@@ -128,6 +129,7 @@ class RayRuntime(Runtime):
         self._gone: set[int] = set()  # dead for good (restarts exhausted)
         self._dead_since: dict[int, float] = {}
         self._calls: dict = {}  # ObjectRef -> (kind, worker, extra)
+        self._ready_at: dict = {}  # worker -> when its last gathered result arrived
         self._group: list[int] | None = None
         self._epoch = -1
         self._origin = 0.0
@@ -207,6 +209,13 @@ class RayRuntime(Runtime):
                 session.close()
             finally:
                 atexit.unregister(session.close)
+
+    def _measured(self, w: int, timings) -> None:
+        self.timings.extend((kind, w, self.alg.version, seconds) for kind, seconds in timings)
+
+    def drain_timings(self) -> list:
+        out, self.timings = self.timings, []
+        return out
 
     def worker_pids(self) -> list[int]:
         """Current process id of every live worker actor (for fault-injection tests)."""
@@ -351,6 +360,7 @@ class RayRuntime(Runtime):
                 return
             self.next_job[w] = max(self.next_job[w], out["next_job"])
             self.totals.trajectories_computed += out["completed"]
+            self._measured(w, out["timings"])
             if out["round"] < r and kind == "progress" and not halting:
                 poll(w)  # answered before the round's begin reached the worker: ask again
             if out["round"] != r or w not in self._alive:
@@ -442,6 +452,7 @@ class RayRuntime(Runtime):
                     results[w] = TimeoutError(f"worker {w}: no answer within {timeout:g} s")
                 break
             w = pending.pop(ready[0])
+            self._ready_at[w] = time.time()
             try:
                 results[w] = ray.get(ready[0])
             except ray.exceptions.RayActorError as exc:
@@ -457,10 +468,13 @@ class RayRuntime(Runtime):
     def _reduce_server(self, r: int, tally: RoundTally, point_digest: str) -> Update:
         counts = tally.counts
         uploaders = tally.order  # workers in the order their first consumed gradient finished
+        sent = time.time()
         calls = {self._actors[w].upload.remote(r, counts[w]): w for w in uploaders}
         results, lost = self._gather(calls, timeout=self.worker_timeout + POLL)
         if lost:
             raise _Lost(lost)
+        for w in uploaders:
+            self._measured(w, [("upload", self._ready_at[w] - sent)])
         for w, (batch, pdig) in results.items():
             if pdig != point_digest or batch.count + batch.rejected != counts[w]:
                 raise ApgaError(f"runtime: internal error: worker {w} computed at another point or "
@@ -512,6 +526,8 @@ class RayRuntime(Runtime):
             if out["point_digest"] != point_digest:
                 raise ApgaError(f"runtime: internal error: worker {w} computed at another point than the driver's")
         rank0 = results[members[0]]
+        for w in members:
+            self._measured(w, [("allreduce", results[w]["seconds"])])
         digests = {out["digest"] for out in results.values()}
         self.alg.set_state(rank0["state"])
         if len(digests) > 1:  # ranks disagree in the last bits (e.g. different CPUs): realign on rank 0
@@ -551,7 +567,9 @@ class RayRuntime(Runtime):
                 continue
             if out is None:  # cancelled (only at close)
                 continue
-            update = self.alg.apply(out, version)
+            batch, timings = out
+            self._measured(w, timings)
+            update = self.alg.apply(batch, version)
             self.clock = self._now()
             self.totals.vector_comms += 1  # the upload; the new point is counted by _dispatch
             self.totals.trajectories_computed += 1

@@ -85,6 +85,7 @@ class WorkerActor:
         self.busy_until = 0.0  # epoch at which the job in flight ends at the earliest (inject)
         self.stamp = 0  # bumped on every change a progress poll reports
         self.completed = 0  # trajectories completed (used or discarded) since the last report
+        self.timings: list = []  # (kind, seconds) measured since the last report (timings.csv)
         self.job_stop: threading.Event | None = None  # set -> abandon the trajectory in flight
         self.closing = False
         self.error = ""  # a failed job (reported to the driver by the next call)
@@ -126,7 +127,7 @@ class WorkerActor:
             if self.pending is not None and self.pending[0] == r - 1:
                 self.protocol = self.pending[1]  # the previous round's AllReduce step, now committed
             self.pending = None
-            download = 0.0
+            download, sent = 0.0, point is not None
             if point is None:  # AllReduce mode: no download, the point is this worker's own
                 point = self.protocol.round_point()
             else:
@@ -138,6 +139,8 @@ class WorkerActor:
             self.limit, self.origin, self.active = limit, origin, r > self.halted
             now = time.time()
             self.not_before = now + download
+            if sent:  # the point's download: from the driver's round start to when it is here
+                self.timings.append(("download", self.not_before - round_wall))
             # Nominal start of the round's first job: after the download, or when a discarded
             # job of the last round (cancel: false) or a late join lets the worker start.
             self.nominal_begin = download
@@ -200,10 +203,11 @@ class WorkerActor:
             raise RuntimeError(self.error)
         current = self.round == r
         done, self.completed = self.completed, 0
+        timings, self.timings = self.timings, []
         busy = current and (self.job_stop is not None or self._computing())
         return {"round": self.round, "finishes": list(self.finishes) if current else [],
                 "horizon": self._horizon() if current else INF, "stamp": self.stamp,
-                "next_job": self.next_job, "busy": busy, "completed": done}
+                "next_job": self.next_job, "busy": busy, "completed": done, "timings": timings}
 
     def _batch(self, r: int, b: int) -> WorkerBatch | None:
         with self.cv:
@@ -300,6 +304,7 @@ class WorkerActor:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.pg)
         if self.inject and self.times.allreduce > 0:
             time.sleep(max(0.0, self.times.allreduce - (time.time() - t0)))
+        seconds = time.time() - t0
         total, rejected, live, env_steps = (int(round(x)) for x in buf[dim:])
         after = copy.deepcopy(self.protocol)
         update = after.finish_reduction(Reduction(buf[:dim] if total else None, total, live, rejected,
@@ -307,24 +312,27 @@ class WorkerActor:
         with self.cv:
             self.pending = (r, after)
         return {"digest": digest(after.theta), "state": after.get_state() if self.rank == 0 else None,
-                "update": update, "point_digest": self.point_digest,
+                "update": update, "point_digest": self.point_digest, "seconds": seconds,
                 "returns": batch.returns if batch else np.zeros(0)}
 
     # ------------------------------------------------------------------ per gradient
-    def gradient_job(self, point: np.ndarray, job: int, origin: float) -> WorkerBatch | None:
-        """One gradient at ``point`` (after the injected download, before the injected upload)."""
+    def gradient_job(self, point: np.ndarray, job: int, origin: float) -> tuple[WorkerBatch, list] | None:
+        """One gradient at ``point`` (after the injected download, before the injected upload),
+        with the measured (kind, seconds) of its download, computation and upload."""
         stop = threading.Event()
         with self.cv:
             self.origin, self.job_stop = origin, stop
         try:
+            t0 = time.time()
             if self.inject and self.comm > 0 and stop.wait(self.comm):
                 return None
             start = time.time()
             duration = self.times.compute(self.w, job, start - self.origin) if self.inject else 0.0
             batch = self._run_job(np.asarray(point), job, stop, start + duration)
+            done = time.time()
             if batch is None or (self.inject and self.comm > 0 and stop.wait(self.comm)):
                 return None
-            return batch
+            return batch, [("download", start - t0), ("compute", done - start), ("upload", time.time() - done)]
         finally:
             with self.cv:
                 self.job_stop = None
@@ -370,6 +378,7 @@ class WorkerActor:
                 self.inflight_finish = None
                 if batch is not None:
                     self.completed += 1
+                    self.timings.append(("compute", time.time() - start_wall))  # from its due start
                     if self.round == r and self.active:
                         self.results.append(batch)
                         self.finishes.append(finished)

@@ -39,7 +39,12 @@ def _one_time(value: Any, key: str, allow_zero: bool) -> float:
 
 def per_worker_values(spec: Any, n: int, key: str, dim: int | None = None,
                       allow_zero: bool = False) -> list[float]:
-    """Resolve a number / list / shape name / {shape, scale} into n per-worker seconds."""
+    """Resolve a number / list / shape name / {shape, scale} into n per-worker seconds; for
+    transfers also {trace: FILE}: each worker's mean upload and download time in a timings.csv."""
+    if isinstance(spec, dict) and "trace" in spec and allow_zero:
+        if set(spec) != {"trace"}:
+            raise ConfigError(f"{key}: a trace mapping takes only trace, got keys {sorted(spec)}")
+        return [sum(t) / len(t) for t in load_trace(spec["trace"], n, f"{key}.trace", kinds=("upload", "download"))]
     if isinstance(spec, dict):
         if "shape" not in spec or set(spec) - {"shape", "scale"}:
             raise ConfigError(f"{key}: a mapping here takes shape and scale, got keys {sorted(spec)}")
@@ -87,7 +92,7 @@ class ComputeTime:
                 self.segments.append((float(until), per_worker_values(seg["times"], n, f"{key}.schedule[{k}].times")))
             self.kind = "schedule"
         elif isinstance(spec, dict) and "trace" in spec:
-            self.kind, self.trace = "trace", load_trace(spec["trace"], n, f"{key}.trace")
+            self.kind, self.trace = "trace", load_trace(spec["trace"], n, f"{key}.trace", kinds=("compute",))
         else:
             self.means = per_worker_values(spec, n, key)
 
@@ -120,7 +125,11 @@ class ComputeTime:
         return float(g.lognormal(math.log(mean) - s2 / 2, math.sqrt(s2)))
 
 
-def load_trace(path: Any, n: int, key: str) -> list[list[float]]:
+def load_trace(path: Any, n: int, key: str, kinds: tuple = ("compute",),
+               every_worker: bool = True) -> list[list[float]]:
+    """Per-worker seconds from a CSV trace with columns worker,seconds, in file order. A trace
+    with a ``kind`` column (timings.csv of a Ray run: compute | download | upload | allreduce)
+    contributes only its rows of the given ``kinds``."""
     if not isinstance(path, str):
         raise ConfigError(f"{key}: expected a file path, got {path!r}")
     try:
@@ -132,6 +141,8 @@ def load_trace(path: Any, n: int, key: str) -> list[list[float]]:
         raise ConfigError(f"{key}: {path!r} is not a CSV trace ({exc})") from None
     per_worker: list[list[float]] = [[] for _ in range(n)]
     for line, row in enumerate(rows, start=2):
+        if row.get("kind") is not None and row["kind"] not in kinds:
+            continue
         try:
             w, s = int(row["worker"]), float(row["seconds"])
         except (KeyError, TypeError, ValueError):
@@ -142,7 +153,7 @@ def load_trace(path: Any, n: int, key: str) -> list[list[float]]:
             raise ConfigError(f"{key}: {path}:{line}: seconds must be a finite number > 0, got {s}")
         per_worker[w].append(s)
     missing = [w for w in range(n) if not per_worker[w]]
-    if missing:
+    if missing and every_worker:
         raise ConfigError(f"{key}: trace {path!r} has no rows for worker(s) {missing[:5]}; give every worker at least one")
     return per_worker
 
@@ -160,6 +171,12 @@ class TimeModel:
         key = "workers.allreduce_time"
         if spec is None:
             return max(self.comm)
+        if isinstance(spec, dict) and set(spec) == {"trace"}:  # the mean AllReduce of a timings.csv
+            rows = [s for t in load_trace(spec["trace"], self.n, f"{key}.trace", kinds=("allreduce",),
+                                          every_worker=False) for s in t]
+            if not rows:
+                raise ConfigError(f"{key}.trace: {spec['trace']!r} has no allreduce rows")
+            return sum(rows) / len(rows)
         if isinstance(spec, dict):
             extra = set(spec) - {"bandwidth", "latency", "bytes_per_param"}
             if extra or "bandwidth" not in spec:
