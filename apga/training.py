@@ -34,11 +34,13 @@ from apga import config as cfgmod
 from apga.config import Config
 from apga.errors import ApgaError, ConfigError
 from apga.files import AppendLog, atomic_pickle, atomic_write_text
+from apga.policy_file import FILE_NAMES as POLICY_FILES, PolicyWriter
 from apga.protocol.algorithms import make_algorithm
 
 COLUMNS = ["time", "iteration", "trajectories", "trajectories_computed", "env_steps", "vector_comms",
            "train_return", "eval_return", "grad_norm", "rejected"]
-RUN_FILES = ("config.yaml", "metrics.csv", "checkpoint.pkl", "summary.json", "returns.png", "tb", ".lock")
+RUN_FILES = ("config.yaml", "metrics.csv", "checkpoint.pkl", "summary.json", "returns.png", "tb", ".lock",
+             *POLICY_FILES.values())
 CHECKPOINT_VERSION = 2
 # Stop (instead of spinning) when this many updates in a row had no finite gradient, or when the
 # first STALL_FIRST updates of a run had none at all.
@@ -383,6 +385,10 @@ class Trainer:
                                 purge_step=self.state["time_step"] + 1 if resumed else None)
         self.wall_start = time.perf_counter() - self.state["wall_offset"]
         label = f"{cfg.algorithm.name} {cfg.env.id}"
+        # issue 12: the run's policy files (policy_final / policy_best); None for env.id: synthetic
+        self.policies = PolicyWriter.for_config(cfg)
+        if resumed:
+            self._write_best_policy()  # the checkpoint's best: a later one of a killed run is undone
         progress = Progress(self.progress_enabled, label)
         try:
             if not resumed:
@@ -434,10 +440,15 @@ class Trainer:
             eval_ret = runtime.oracle.evaluate(runtime.alg.theta, cfg.eval.episodes, t.iteration,
                                                cfg.eval.deterministic)
             self.state["last_eval"] = eval_ret
+            self.state["eval_iteration"] = t.iteration
             if eval_ret is not None and math.isfinite(eval_ret):
                 self.state["final_eval"] = eval_ret
                 best = self.state["best_eval"]
                 self.state["best_eval"] = eval_ret if best is None else max(best, eval_ret)
+                if best is None or eval_ret > best:  # issue 12: a new best policy
+                    self.state["best_policy"] = {"theta": np.array(runtime.alg.theta, dtype=np.float64),
+                                                 "iteration": t.iteration, "eval_return": eval_ret}
+                    self._write_best_policy()
         values = {"time": float(runtime.clock), "iteration": t.iteration, "trajectories": t.trajectories,
                   "trajectories_computed": t.trajectories_computed, "env_steps": t.env_steps,
                   "vector_comms": t.vector_comms, "train_return": train_ret, "eval_return": eval_ret,
@@ -466,8 +477,25 @@ class Trainer:
         self.state["csv_bytes"] = log.sync()
         self.state["version"] = CHECKPOINT_VERSION
         self.state["wall_offset"] = time.perf_counter() - self.wall_start
+        self._write_final_policy()  # issue 12
         atomic_pickle(self.ckpt_path, self.state)
         self._summary(self.state["runtime"], "finished" if final else "running")
+
+    # -- issue 12: policy files (apga/policy_file.py) -------------------------------------------
+    def _write_final_policy(self) -> None:
+        if self.policies is not None:
+            runtime = self.state["runtime"]
+            it = runtime.totals.iteration
+            ret = self.state["last_eval"] if self.state.get("eval_iteration") == it else None
+            self.policies.write(self.out_dir, "final", runtime.alg.theta, it, ret)
+
+    def _write_best_policy(self) -> None:
+        if self.policies is not None:
+            best = self.state.get("best_policy")
+            if best is None:
+                self.policies.remove(self.out_dir, "best")
+            else:
+                self.policies.write(self.out_dir, "best", best["theta"], best["iteration"], best["eval_return"])
 
     def _summary(self, runtime, status: str, error: str | None = None) -> dict:
         cfg, t = self.cfg, runtime.totals
