@@ -22,10 +22,11 @@ def train(cfg, out_dir, force=False, progress=True):
     return _train(cfg, out_dir, force=force, progress=progress)
 
 
-def resume(out_dir, progress=True):
-    """Continue the run in ``out_dir`` from its last checkpoint."""
+def resume(out_dir, progress=True, budget=None):
+    """Continue the run in ``out_dir`` from its last checkpoint; ``budget`` (e.g.
+    ["budget.iterations=300"]) continues it, finished or not, up to a new budget."""
     from apga.training import resume as _resume
-    return _resume(out_dir, progress=progress)
+    return _resume(out_dir, progress=progress, budget=budget)
 
 
 def read_metrics(out_dir):

@@ -5,7 +5,8 @@ Outputs in the run directory:
   config.yaml      the resolved config (every default filled in)
   metrics.csv      one row per model update (row 0 = the initial point, before any update)
   tb/              TensorBoard events with the same scalars (tb/time/: eval return by simulated ms)
-  checkpoint.pkl   state at the last checkpointed update (exact resume)
+  checkpoint.npz   state at the last checkpointed update (exact resume; apga/checkpoint.py)
+  policy_final.safetensors, policy_best.safetensors   the policy (apga/policy_file.py)
   summary.json     final figures (written at the end, and at every checkpoint with status running;
                    status failed + error when the run stopped on an error)
   returns.png      return against time
@@ -19,7 +20,6 @@ import csv
 import json
 import math
 import os
-import pickle
 import shutil
 import socket
 import struct
@@ -33,15 +33,16 @@ import yaml
 from apga import config as cfgmod
 from apga.config import Config
 from apga.errors import ApgaError, ConfigError
-from apga.files import AppendLog, atomic_pickle, atomic_write_text
+from apga import checkpoint as ckptfile  # issue 12: explicit state, no pickle
+from apga.files import AppendLog, atomic_write_text
 from apga.policy_file import FILE_NAMES as POLICY_FILES, PolicyWriter
 from apga.protocol.algorithms import make_algorithm
 
 COLUMNS = ["time", "iteration", "trajectories", "trajectories_computed", "env_steps", "vector_comms",
            "train_return", "eval_return", "grad_norm", "rejected"]
-RUN_FILES = ("config.yaml", "metrics.csv", "checkpoint.pkl", "summary.json", "returns.png", "tb", ".lock",
+RUN_FILES = ("config.yaml", "metrics.csv", ckptfile.FILE, *ckptfile.LEGACY_FILES, "summary.json", "returns.png", "tb", ".lock",
              *POLICY_FILES.values())
-CHECKPOINT_VERSION = 2
+CHECKPOINT_VERSION = ckptfile.VERSION
 # Stop (instead of spinning) when this many updates in a row had no finite gradient, or when the
 # first STALL_FIRST updates of a run had none at all.
 STALL_LIMIT = 100
@@ -296,7 +297,8 @@ class Trainer:
         self.cfg, self.out_dir = cfg, out_dir
         self.progress_enabled = progress
         self.metrics_path = os.path.join(out_dir, "metrics.csv")
-        self.ckpt_path = os.path.join(out_dir, "checkpoint.pkl")
+        self.ckpt_path = ckptfile.path(out_dir)
+        self.resume_point: bytes | None = None  # issue 12: last checkpoint before a final row
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self, force: bool = False) -> RunResult:
@@ -321,21 +323,36 @@ class Trainer:
                 os.close(lock)
 
     @staticmethod
-    def resume(out_dir: str, progress: bool = True) -> RunResult:
+    def resume(out_dir: str, progress: bool = True, budget: list[str] | None = None) -> RunResult:
+        """Continue the run in ``out_dir``; ``budget`` (["budget.iterations=N", ...]) extends or
+        changes its budget: the result equals a run started with that budget."""
         cfg_path = os.path.join(out_dir, "config.yaml")
         if not os.path.isdir(out_dir):
             raise ApgaError(f"--resume {out_dir!r}: no such run directory")
         if not os.path.isfile(cfg_path):
             raise ApgaError(f"--resume {out_dir!r}: not an apga run directory (no config.yaml); "
                             "start a run with `apga train CONFIG --out DIR`")
-        cfg = cfgmod.from_dict(cfgmod.read_yaml(cfg_path))
+        cfg_dict = cfgmod.read_yaml(cfg_path)
+        cfg = cfgmod.from_dict(cfg_dict)
+        new_budget = None
+        if budget:  # issue 12: only budget.* keys may change on a resume
+            for item in budget:
+                if not item.strip().startswith("budget."):
+                    raise ConfigError(f"--resume with --set {item!r}: only budget.* keys (budget.iterations, "
+                                      "budget.time, budget.trajectories) can change when a run continues")
+            cfg = cfgmod.load_config(cfgmod.to_dict(cfg), budget)
+            new_budget = cfg.budget
         trainer = Trainer(cfg, out_dir, progress)
+        ckptfile.refuse_legacy(out_dir)
         if not os.path.exists(trainer.ckpt_path):
             # Killed before the first checkpoint (written right after row 0): start again.
             return trainer.start(force=True)
         state = trainer._read_checkpoint()  # read-only checks first: a refused resume writes nothing
         lock = _lock(out_dir)
         try:
+            if new_budget is not None:
+                atomic_write_text(cfg_path, yaml.safe_dump(cfgmod.to_dict(cfg), sort_keys=False))
+            state["resolved"] = cfgmod.to_dict(cfg)
             oracle = build_oracle(cfg)
             try:
                 runtime = state["runtime"]
@@ -351,23 +368,33 @@ class Trainer:
 
     def _read_checkpoint(self) -> dict:
         out_dir = self.out_dir
-        try:
-            with open(self.ckpt_path, "rb") as f:
-                state = pickle.load(f)
-        except Exception as exc:  # a checkpoint is written atomically, so this is not a torn write
-            raise ApgaError(f"--resume {out_dir!r}: cannot read checkpoint.pkl ({type(exc).__name__}: "
-                            f"{' '.join(str(exc).split())})") from None
-        if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
-            raise ApgaError(f"--resume {out_dir!r}: checkpoint.pkl was written by another apga version; "
-                            "start a new run")
-        # compared as YAML text, so that a NaN somewhere (e.g. in env.kwargs) equals itself
+        state, data, embedded = ckptfile.read(out_dir)
+        # compared as YAML text, so that a NaN somewhere (e.g. in env.kwargs) equals itself; the
+        # budget may differ (a run continued with a larger budget, issue 12)
         try:
             started_with = cfgmod.with_defaults(state["resolved"])
         except ConfigError:
             started_with = state["resolved"]
-        if yaml.safe_dump(started_with) != yaml.safe_dump(cfgmod.to_dict(self.cfg)):
+        now = cfgmod.to_dict(self.cfg)
+        if yaml.safe_dump({**started_with, "budget": None}) != yaml.safe_dump({**now, "budget": None}):
             raise ConfigError(f"--resume {out_dir!r}: config.yaml was edited after the run started; "
                               "restore it, or start a new run with the new config")
+        # issue 12: the budget may change. A checkpoint taken after the run's last row (its
+        # budget used up) carries the last checkpoint taken before that row, which was written as
+        # the last one (with an evaluation): a longer run restarts from there, so that its
+        # metrics.csv equals a run started with the longer budget.
+        old_budget = cfgmod.from_dict(started_with).budget
+        changed = yaml.safe_dump(started_with["budget"]) != yaml.safe_dump(now["budget"])
+        self.resume_point = embedded if _progress(old_budget, state) >= 1.0 else data
+        if changed:
+            if _progress(old_budget, state) >= 1.0 and _progress(self.cfg.budget, state) < 1.0:
+                if embedded is None:
+                    raise ApgaError(f"--resume {out_dir!r}: this run cannot be extended (its checkpoint keeps "
+                                    "no earlier state); start a new run with the larger budget")
+                state = ckptfile.load_bytes(out_dir, embedded)
+            if _progress(self.cfg.budget, state) >= 1.0:
+                raise ConfigError(f"--resume {out_dir!r}: the new budget is already reached (the run has "
+                                  f"{state['runtime'].totals.iteration} updates); give a larger budget")
         size = os.path.getsize(self.metrics_path) if os.path.isfile(self.metrics_path) else -1
         if size < state["csv_bytes"]:
             raise ApgaError(f"--resume {out_dir!r}: metrics.csv is missing or shorter than at the last "
@@ -478,7 +505,13 @@ class Trainer:
         self.state["version"] = CHECKPOINT_VERSION
         self.state["wall_offset"] = time.perf_counter() - self.wall_start
         self._write_final_policy()  # issue 12
-        atomic_pickle(self.ckpt_path, self.state)
+        # issue 12: a final checkpoint keeps the last one taken before the final row (see
+        # apga/checkpoint.py); any other checkpoint taken before the budget ran out becomes it.
+        runtime = self.state["runtime"]
+        ended = budget_fraction(self.cfg, runtime.totals, runtime.clock) >= 1.0
+        data = ckptfile.write(self.out_dir, self.state, self.resume_point if ended else None)
+        if not ended:
+            self.resume_point = data
         self._summary(self.state["runtime"], "finished" if final else "running")
 
     # -- issue 12: policy files (apga/policy_file.py) -------------------------------------------
@@ -538,6 +571,12 @@ class Trainer:
         os.replace(tmp, os.path.join(self.out_dir, "returns.png"))
 
 
+def _progress(budget, state: dict) -> float:
+    """Budget fraction used at a checkpoint's state (issue 12: resume with another budget)."""
+    runtime = state["runtime"]
+    return budget_progress(budget, runtime.clock, runtime.totals.trajectories, runtime.totals.iteration)
+
+
 def read_metrics(out_dir: str) -> dict[str, np.ndarray]:
     """metrics.csv as a dict of float arrays (empty cells -> nan). A last line without its
     newline (a run killed in the middle of writing it) is ignored."""
@@ -558,6 +597,7 @@ def train(cfg: Config, out_dir: str, force: bool = False, progress: bool = True)
     return Trainer(cfg, out_dir, progress).start(force)
 
 
-def resume(out_dir: str, progress: bool = True) -> RunResult:
-    """Continue the run in ``out_dir`` from its last checkpoint; the result equals an uninterrupted run."""
-    return Trainer.resume(out_dir, progress)
+def resume(out_dir: str, progress: bool = True, budget: list[str] | None = None) -> RunResult:
+    """Continue the run in ``out_dir`` from its last checkpoint; the result equals an uninterrupted run.
+    ``budget``: ["budget.iterations=N", ...] continues a (finished) run up to a new budget."""
+    return Trainer.resume(out_dir, progress, budget)
