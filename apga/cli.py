@@ -9,7 +9,7 @@ import sys
 
 from apga.errors import ApgaError
 
-COMMANDS = ["train", "compare", "theory", "bench"]
+COMMANDS = ["train", "evaluate", "compare", "theory", "bench"]
 
 
 class _Parser(argparse.ArgumentParser):

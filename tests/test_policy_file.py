@@ -194,3 +194,20 @@ def test_heterogeneous_flag_input_is_recorded(tmp_path):
     assert np.array_equal(policy(obs), policies.greedy_action(oracle.spec, theta, obs))
     oracle.close()
     shutil.rmtree(out)
+
+
+def test_readme_policy_block_runs_verbatim(tmp_path):
+    """The README's "Use the trained policy" Python block, run as written (in a scratch copy of the
+    repo root: configs/ linked, runs/ created there)."""
+    import re
+    import subprocess
+    import sys
+    with open(os.path.join(ROOT, "README.md")) as f:
+        blocks = [b for b in re.findall(r"```python\n(.*?)```", f.read(), re.S) if "load_policy" in b]
+    assert len(blocks) == 1
+    os.symlink(os.path.join(ROOT, "configs"), tmp_path / "configs")
+    proc = subprocess.run([sys.executable, "-c", blocks[0]], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": ROOT}, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith("Discrete(2)")
+    assert (tmp_path / "runs" / "cartpole" / "policy_best.safetensors").is_file()
