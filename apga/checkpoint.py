@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 
 from apga import statefile
-from apga.errors import ApgaError
+from apga.errors import ApgaError, ConfigError
 from apga.files import atomic_write_bytes
 
 FILE = "checkpoint.npz"
@@ -37,16 +37,37 @@ def refuse_legacy(out_dir: str) -> None:
                             "unpickled (a pickle can run code): start a new run")
 
 
-def write(out_dir: str, state: dict, resume_point: bytes | None = None) -> bytes:
+def register_run_classes(cfg) -> None:
+    """Make the run's own protocol class storable when the config names a user's class
+    (``algorithm.name: package.module:ClassName``, imported as code named by the config anyway):
+    it is registered under ``protocol:<algorithm.name>``. Built-in classes need nothing."""
+    name = getattr(cfg.algorithm, "name", "") if cfg is not None else ""
+    if ":" not in name:
+        return
+    try:
+        from apga.protocol.registry import protocol_class
+    except ImportError:  # an apga without user protocols
+        return
+    try:
+        cls = protocol_class(name)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    statefile.register(cls, name=f"protocol:{name}")
+
+
+def write(out_dir: str, state: dict, resume_point: bytes | None = None, cfg=None) -> bytes:
     """Write the checkpoint atomically; returns the bytes of the state alone (a resume point)."""
+    register_run_classes(cfg)
     data = statefile.dumps(state)
     full = data if resume_point is None else statefile.dumps_with(state, {RESUME_POINT: resume_point})
     atomic_write_bytes(path(out_dir), full)
     return data
 
 
-def read(out_dir: str) -> tuple[dict, bytes, bytes | None]:
-    """(state, the bytes of the state alone, the embedded resume point or None); one line on any problem."""
+def read(out_dir: str, cfg=None) -> tuple[dict, bytes, bytes | None]:
+    """(state, the bytes of the state alone, the embedded resume point or None); one line on any problem.
+    ``cfg``: the run's config (see :func:`register_run_classes`)."""
+    register_run_classes(cfg)
     p = path(out_dir)
     try:
         with open(p, "rb") as f:

@@ -63,26 +63,31 @@ _BY_NAME: dict[str, _Entry] = {}
 _BY_CLASS: dict[type, _Entry] = {}
 
 # apga's own storable classes, imported on first use (so that, e.g., Ray is only imported when
-# a state holds a RayRuntime). name -> (module, class name): a fixed table in the code.
-_BUILTIN: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "Config": ("apga.config", "Config", ()),
-    "EnvConfig": ("apga.config", "EnvConfig", ()),
-    "PolicyConfig": ("apga.config", "PolicyConfig", ()),
-    "AlgorithmConfig": ("apga.config", "AlgorithmConfig", ()),
-    "WorkersConfig": ("apga.config", "WorkersConfig", ()),
-    "RuntimeConfig": ("apga.config", "RuntimeConfig", ()),
-    "BudgetConfig": ("apga.config", "BudgetConfig", ()),
-    "EvalConfig": ("apga.config", "EvalConfig", ()),
-    "CheckpointConfig": ("apga.config", "CheckpointConfig", ()),
-    "NIGTState": ("apga.protocol.nigt", "NIGTState", ()),
-    "RoundAlgorithm": ("apga.protocol.algorithms", "RoundAlgorithm", ()),
-    "AFedPG": ("apga.protocol.algorithms", "AFedPG", ()),
-    "Update": ("apga.protocol.algorithms", "Update", ()),
-    "WorkerBatch": ("apga.oracle.base", "WorkerBatch", ()),
-    "Totals": ("apga.runtime.simulator", "Totals", ()),
-    "Simulator": ("apga.runtime.simulator", "Simulator", ()),
+# a state holds a RayRuntime): name -> ((module, class name) candidates, transient attributes).
+# A fixed table in the code; several candidates let a class move between modules without
+# changing its name in files (the first that imports wins).
+_BUILTIN: dict[str, tuple[tuple[tuple[str, str], ...], tuple[str, ...]]] = {
+    **{name: ((("apga.config", name),), ()) for name in (
+        "Config", "EnvConfig", "PolicyConfig", "AlgorithmConfig", "WorkersConfig", "RuntimeConfig",
+        "BudgetConfig", "EvalConfig", "CheckpointConfig")},
+    "NIGTState": ((("apga.protocol.nigt", "NIGTState"),), ()),
+    "WorkerBatch": ((("apga.oracle.base", "WorkerBatch"),), ()),
+    # protocols (apga.protocol.algorithms before the protocol platform, one module per method after)
+    "RoundAlgorithm": ((("apga.protocol.algorithms", "RoundAlgorithm"),), ()),
+    "AFedPG": ((("apga.protocol.afedpg", "AFedPG"), ("apga.protocol.algorithms", "AFedPG")), ()),
+    "RennalaNIGT": ((("apga.protocol.rennala_nigt", "RennalaNIGT"),), ()),
+    "MaleniaNIGT": ((("apga.protocol.malenia_nigt", "MaleniaNIGT"),), ()),
+    "SyncNIGT": ((("apga.protocol.sync_nigt", "SyncNIGT"),), ()),
+    "SyncPG": ((("apga.protocol.sync_pg", "SyncPG"),), ()),
+    "RennalaPG": ((("apga.protocol.rennala_pg", "RennalaPG"),), ()),
+    "Update": ((("apga.protocol.base", "Update"), ("apga.protocol.algorithms", "Update")), ()),
+    "Reduction": ((("apga.protocol.base", "Reduction"),), ()),
+    "RoundTally": ((("apga.protocol.base", "RoundTally"),), ()),
+    # runtimes
+    "Totals": ((("apga.runtime.base", "Totals"), ("apga.runtime.simulator", "Totals")), ()),
+    "Simulator": ((("apga.runtime.simulator", "Simulator"),), ()),
     # A custom oracle_factory (a function) is not state: attach() restores the default one.
-    "RayRuntime": ("apga.runtime.ray_runtime", "RayRuntime", ("oracle_factory",)),
+    "RayRuntime": ((("apga.runtime.ray_runtime", "RayRuntime"),), ("oracle_factory",)),
 }
 
 
@@ -105,30 +110,34 @@ def _builtin(name: str) -> _Entry | None:
     spec = _BUILTIN.get(name)
     if spec is None:
         return None
-    module, attr, transient = spec
-    cls = getattr(importlib.import_module(module), attr)
-    if cls not in _BY_CLASS:
-        register(cls, name=name, transient=transient)
-    return _BY_CLASS[cls]
+    candidates, transient = spec
+    missing = None
+    for module, attr in candidates:
+        try:
+            cls = getattr(importlib.import_module(module), attr, None)
+        except ModuleNotFoundError as exc:
+            if not (exc.name and module.startswith(exc.name)):
+                missing = exc.name  # the module exists but needs something not installed (e.g. ray)
+            continue
+        if isinstance(cls, type):
+            if cls not in _BY_CLASS:
+                register(cls, name=name, transient=transient)
+            return _BY_CLASS[cls]
+    if missing:
+        raise StateFileError(f"class {name!r} needs module {missing!r}, which is not installed")
+    return None
 
 
 def _entry_for_class(cls: type) -> _Entry | None:
     entry = _BY_CLASS.get(cls)
     if entry is None and cls.__name__ in _BUILTIN:
-        module, attr, _ = _BUILTIN[cls.__name__]
-        if cls.__module__ == module and cls.__qualname__ == attr:
+        if (cls.__module__, cls.__qualname__) in _BUILTIN[cls.__name__][0]:
             entry = _builtin(cls.__name__)
     return entry
 
 
 def _entry_for_name(name: str) -> _Entry | None:
-    entry = _BY_NAME.get(name)
-    if entry is None:
-        try:
-            entry = _builtin(name)
-        except ImportError as exc:
-            raise StateFileError(f"class {name!r} needs module {exc.name!r}, which is not installed") from None
-    return entry
+    return _BY_NAME.get(name) or _builtin(name)
 
 
 # ----------------------------------------------------------------------------- encoding

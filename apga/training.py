@@ -368,7 +368,7 @@ class Trainer:
 
     def _read_checkpoint(self) -> dict:
         out_dir = self.out_dir
-        state, data, embedded = ckptfile.read(out_dir)
+        state, data, embedded = ckptfile.read(out_dir, self.cfg)
         # compared as YAML text, so that a NaN somewhere (e.g. in env.kwargs) equals itself; the
         # budget may differ (a run continued with a larger budget, issue 12)
         try:
@@ -509,7 +509,7 @@ class Trainer:
         # apga/checkpoint.py); any other checkpoint taken before the budget ran out becomes it.
         runtime = self.state["runtime"]
         ended = budget_fraction(self.cfg, runtime.totals, runtime.clock) >= 1.0
-        data = ckptfile.write(self.out_dir, self.state, self.resume_point if ended else None)
+        data = ckptfile.write(self.out_dir, self.state, self.resume_point if ended else None, self.cfg)
         if not ended:
             self.resume_point = data
         self._summary(self.state["runtime"], "finished" if final else "running")
