@@ -125,3 +125,19 @@ def test_bad_extensions_are_refused_with_one_line(finished, tmp_path, capsys, se
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and words in err, err
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+def test_a_user_protocol_checkpoints_resumes_and_extends(tmp_path):
+    """A user's protocol class (algorithm.name: package.module:ClassName) is stored in checkpoints
+    under the name the config gives it, and a run of it extends exactly."""
+    user = pytest.importorskip("test_user_protocol")  # tests/ of the protocol platform (user classes)
+    cfg = apga.load_config({**_cfg({"algorithm": {"name": user.NAME, "options": {"quorum": 3}}}, {"iterations": 30}),
+                            "checkpoint": {"every": 4}})
+    ref = str(tmp_path / "ref")
+    apga.train(cfg, ref, progress=False)
+    out = str(tmp_path / "run")
+    short = apga.load_config({**_cfg({"algorithm": {"name": user.NAME, "options": {"quorum": 3}}}, {"iterations": 13}),
+                              "checkpoint": {"every": 4}})
+    apga.train(short, out, progress=False)
+    apga.resume(out, progress=False, budget=["budget.iterations=30"])
+    _same_run(out, ref)

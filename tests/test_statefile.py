@@ -21,7 +21,10 @@ from apga import statefile
 from apga.cli import main
 from apga.errors import ApgaError
 from apga.oracle.synthetic import SyntheticOracle
-from apga.protocol.algorithms import make_algorithm
+try:  # the protocol platform (one module per method) or the earlier single module
+    from apga.protocol.registry import make_protocol as make_algorithm
+except ImportError:
+    from apga.protocol.algorithms import make_algorithm
 from apga.runtime.simulator import Simulator
 from apga.runtime.timing import TimeModel
 
