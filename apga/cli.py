@@ -9,7 +9,7 @@ import sys
 
 from apga.errors import ApgaError
 
-COMMANDS = ["train", "compare", "theory", "predict", "bench"]
+COMMANDS = ["train", "evaluate", "compare", "theory", "predict", "bench"]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -64,7 +64,7 @@ def test_outputs_exist_and_runs_are_train_dirs(done):
     for v in VARIANTS:
         for k in SEEDS:
             run = os.path.join(out, "default", v, f"seed{k}")
-            for name in ("config.yaml", "metrics.csv", "summary.json", "checkpoint.pkl", "returns.png", "tb"):
+            for name in ("config.yaml", "metrics.csv", "summary.json", "checkpoint.npz", "returns.png", "tb"):
                 assert os.path.exists(os.path.join(run, name)), (run, name)
             with open(os.path.join(run, "config.yaml")) as f:
                 resolved = yaml.safe_load(f)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import pickle
 
 import numpy as np
 import pytest
 import yaml
 
 import apga
+from apga import statefile
 from apga.cli import main
 from apga.oracle.base import WorkerBatch
 from apga.oracle.synthetic import SyntheticOracle
@@ -56,8 +56,7 @@ def test_nan_gradients_are_rejected_and_counted(tmp_path, name, extra):
     assert 0.15 < rejected[-1] / used.sum() < 0.45  # about nan_prob of them
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rejected"] == rejected[-1] and summary["status"] == "finished"
-    with open(out / "checkpoint.pkl", "rb") as f:
-        alg = pickle.load(f)["runtime"].alg
+    alg = statefile.loads((out / "checkpoint.npz").read_bytes())["runtime"].alg
     assert np.all(np.isfinite(alg.state.theta)) and np.all(np.isfinite(alg.state.d))
 
 

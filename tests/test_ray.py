@@ -7,7 +7,6 @@ into starting actor processes. One local Ray instance serves a whole test class.
 from __future__ import annotations
 
 import os
-import pickle
 import re
 import shutil
 import signal
@@ -20,6 +19,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
+from apga import statefile  # noqa: E402
 from apga.config import load_config  # noqa: E402
 from apga.errors import ApgaError  # noqa: E402
 from apga.runtime import ray_session  # noqa: E402
@@ -163,7 +163,7 @@ class TestLocal:
 
     def test_trainer_runs_afedpg_and_checkpoints_on_ray(self, tmp_path, capfd):
         """apga.run.train with runtime: ray and AFedPG: one gradient per update, one vector each way,
-        metrics on the wall clock, a checkpoint whose runtime unpickles without Ray."""
+        metrics on the wall clock, a checkpoint whose runtime loads without Ray."""
         from apga.run import read_metrics, train
         cfg = load_config({**_as_dict(config("afedpg", "server")), "eval": {"every": 2, "episodes": 2},
                            "budget": {"iterations": 6}})
@@ -177,8 +177,7 @@ class TestLocal:
         assert list(np.diff(m["trajectories"])) == [1] * 6
         assert m["vector_comms"][1] == 2 + 2 and list(np.diff(m["vector_comms"][1:])) == [2] * 5
         assert np.all(np.diff(m["time"]) > 0) and not np.isnan(m["eval_return"][-1])
-        with open(tmp_path / "run" / "checkpoint.pkl", "rb") as f:
-            state = pickle.load(f)
+        state = statefile.loads((tmp_path / "run" / "checkpoint.npz").read_bytes())
         rt = state["runtime"]
         assert rt.totals.iteration == 6 and rt._actors is None and rt.clock == m["time"][-1]
         assert sum(rt.next_job) >= 6

@@ -3,10 +3,10 @@ write), then `apga train --resume DIR` finishes and metrics.csv is byte-identica
 uninterrupted run with the same seed, for every algorithm.
 
 After every kill: metrics.csv holds only whole lines with the header's number of fields and is a
-byte prefix of the uninterrupted run's file; checkpoint.pkl (when there is one) loads and refers
+byte prefix of the uninterrupted run's file; checkpoint.npz (when there is one) loads and refers
 to a prefix of the file. Kills that must land inside a checkpoint write use the test hook
 APGA_TEST_SLOW_WRITES (apga/files.py), and the test waits until a half-written temp file of a
-pickle exists before it kills.
+checkpoint (a zip) exists before it kills.
 
 The reference runs and the last resume of each chain run in-process (fast); the killed runs are
 real `python -m apga train` processes.
@@ -14,7 +14,6 @@ real `python -m apga train` processes.
 from __future__ import annotations
 
 import os
-import pickle
 import random
 import signal
 import subprocess
@@ -25,6 +24,7 @@ import pytest
 import yaml
 
 import apga
+from apga import statefile
 from apga.run import train as run_train
 from apga.run.logger import COLUMNS
 from apga.run.loop import Trainer
@@ -129,8 +129,8 @@ def spawn(argv, slow_writes: float | None = None) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def _pickle_temp(out) -> bool:
-    """A half-written temp file of a checkpoint exists (pickle protocol header)."""
+def _checkpoint_temp(out) -> bool:
+    """A half-written temp file of a checkpoint exists (zip local-file header)."""
     try:
         names = os.listdir(out)
     except FileNotFoundError:
@@ -139,7 +139,7 @@ def _pickle_temp(out) -> bool:
         if name.startswith(".tmp-"):
             try:
                 with open(os.path.join(out, name), "rb") as f:
-                    if f.read(2) == b"\x80\x05":
+                    if f.read(4) == b"PK\x03\x04":
                         return True
             except FileNotFoundError:
                 pass
@@ -166,7 +166,7 @@ def kill_when(proc: subprocess.Popen, out, moment: str, ref: bytes, fraction: fl
             except FileNotFoundError:
                 ready = False
             if ready and moment == "checkpoint":
-                ready = _pickle_temp(out)
+                ready = _checkpoint_temp(out)
         if ready:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
@@ -187,11 +187,10 @@ def check_killed_dir(out, ref: bytes) -> dict:
     for line in data.decode().splitlines():
         assert len(line.split(",")) == len(COLUMNS), f"torn line {line!r}"
     facts["rows"] = max(data.count(b"\n") - 1, 0)
-    ckpt = os.path.join(out, "checkpoint.pkl")
+    ckpt = os.path.join(out, "checkpoint.npz")
     facts["checkpoint"] = os.path.exists(ckpt)
     if facts["checkpoint"]:
-        with open(ckpt, "rb") as f:
-            state = pickle.load(f)  # always loadable: written by temp + fsync + rename
+        state = statefile.loads(read(ckpt))  # always loadable: written by temp + fsync + rename
         assert state["csv_bytes"] <= len(data)
         facts["checkpoint_iteration"] = state["runtime"].totals.iteration
     return facts
@@ -279,7 +278,7 @@ def test_resume_after_keyboard_interrupt(references, tmp_path, monkeypatch):
 
 def test_resume_of_a_run_started_before_a_config_key_existed(references, tmp_path, monkeypatch):
     """A run written by an apga without ``runtime.streams`` (config.yaml, the checkpoint's resolved
-    config and its pickled simulator all lack it) resumes: the new key takes its default."""
+    config and its stored simulator all lack it) resumes: the new key takes its default."""
     cfg_path, ref, ref_dir = references("rennala_server_cancel")
     out = tmp_path / "run"
     train_until_interrupted(monkeypatch, cfg_path, out, 100)
@@ -287,12 +286,10 @@ def test_resume_of_a_run_started_before_a_config_key_existed(references, tmp_pat
     doc = yaml.safe_load(read(out / "config.yaml"))
     del doc["runtime"]["streams"]
     (out / "config.yaml").write_text(yaml.safe_dump(doc))
-    with open(out / "checkpoint.pkl", "rb") as f:
-        state = pickle.load(f)
+    state = statefile.loads(read(out / "checkpoint.npz"))
     del state["resolved"]["runtime"]["streams"]
     del state["runtime"].__dict__["streams"]
-    with open(out / "checkpoint.pkl", "wb") as f:
-        pickle.dump(state, f)
+    (out / "checkpoint.npz").write_bytes(statefile.dumps(state))
     finish_in_process(out, ref, ref_dir)
 
 

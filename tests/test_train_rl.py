@@ -54,7 +54,8 @@ def test_resume_after_an_interruption_continues_exactly(tmp_path, monkeypatch, a
 def test_outputs_of_a_run(tmp_path):
     out = tmp_path / "run"
     result = apga.train(apga.load_config(QUICKSTART, SHORT), str(out), progress=False)
-    for name in ("config.yaml", "metrics.csv", "checkpoint.pkl", "summary.json", "returns.png"):
+    for name in ("config.yaml", "metrics.csv", "checkpoint.npz", "summary.json", "returns.png",
+                 "policy_final.safetensors", "policy_best.safetensors"):
         assert (out / name).is_file(), name
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(out / "tb"))
     m = apga.read_metrics(str(out))

@@ -420,10 +420,10 @@ def test_resume_missing_dir(capsys, work):
 
 
 def test_resume_corrupt_checkpoint(capsys, run_copy):
-    (run_copy / "checkpoint.pkl").write_bytes(b"\x80\x05not a pickle at all")
+    (run_copy / "checkpoint.npz").write_bytes(b"\x80\x05not a checkpoint at all")
     before = snapshot(run_copy)
     code, _, err = run_cli(capsys, ["train", "--resume", str(run_copy)])
-    check_error(code, err, "cannot read checkpoint.pkl")
+    check_error(code, err, "cannot read checkpoint.npz", "not a zip")
     assert snapshot(run_copy) == before
 
 

@@ -11,10 +11,12 @@ examples:
   apga train configs/quickstart.yaml --out runs/quick
   apga train configs/quickstart.yaml --out runs/q2 --set algorithm.name=malenia_nigt --set seed=1
   apga train --resume runs/quick
+  apga train --resume runs/quick --set budget.iterations=300     # continue a finished run further
 
 Config sections (see apga/config.py for every key and its default): seed, env, policy, algorithm,
 workers, runtime, budget, eval, checkpoint. Outputs in DIR: config.yaml (resolved), metrics.csv
-(one row per model update), tb/ (TensorBoard), checkpoint.pkl, summary.json, returns.png.
+(one row per model update), tb/ (TensorBoard), checkpoint.npz, policy_final.safetensors and
+policy_best.safetensors (apga.load_policy, apga evaluate), summary.json, returns.png.
 """
 
 
@@ -26,7 +28,8 @@ def add_parser(sub) -> None:
     p.add_argument("--out", help="run directory to create (must not exist or be empty, unless --force)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config key; VALUE is parsed as YAML; repeatable")
-    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint "
+                   "(with --set budget.KEY=VALUE: up to a new budget, also after it finished)")
     p.add_argument("--force", action="store_true", help="overwrite the apga run files in an existing --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar or progress lines")
     p.set_defaults(run=run)
@@ -47,9 +50,10 @@ def _run(args) -> int:
     from apga.run import resume, train
 
     if args.resume:
-        if args.config or args.out or args.overrides or args.force:
-            raise ApgaError("--resume DIR takes no CONFIG, --out, --set or --force: the run's own config.yaml is used")
-        result = resume(args.resume, progress=not args.quiet)
+        if args.config or args.out or args.force:
+            raise ApgaError("--resume DIR takes no CONFIG, --out or --force: the run's own config.yaml is used "
+                            "(--set budget.KEY=VALUE may change the budget)")
+        result = resume(args.resume, progress=not args.quiet, budget=args.overrides)
     else:
         if not args.config:
             raise ApgaError("give a CONFIG file (e.g. configs/quickstart.yaml) or --resume DIR")

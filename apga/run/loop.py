@@ -5,7 +5,9 @@ Outputs in the run directory:
   config.yaml      the resolved config (every default filled in)
   metrics.csv      one row per model update (row 0 = the initial point, before any update)
   tb/              TensorBoard events with the same scalars (tb/time/: eval return by runtime ms)
-  checkpoint.pkl   state at the last checkpointed update (exact resume)
+  checkpoint.npz   state at the last checkpointed update (exact resume; apga/checkpoint.py)
+  policy_final.safetensors, policy_best.safetensors   the policy (apga/policy_file.py)
+  timings.csv      Ray runs: the measured durations of jobs and transfers (apga predict)
   summary.json     final figures (written at the end, and at every checkpoint with status running;
                    status failed + error when the run stopped on an error)
   returns.png      return against time
@@ -23,10 +25,12 @@ from dataclasses import dataclass
 import numpy as np
 import yaml
 
+from apga import checkpoint as ckptfile
 from apga import config as cfgmod
 from apga.config import Config
 from apga.errors import ApgaError, ConfigError
 from apga.files import atomic_write_text
+from apga.policy_file import PolicyWriter
 from apga.run import rundir
 from apga.run.build import build_oracle, build_runtime, build_times
 from apga.run.logger import RunLogger, read_metrics
@@ -64,6 +68,7 @@ class Trainer:
     def __init__(self, cfg: Config, out_dir: str, progress: bool = True):
         self.cfg, self.out_dir = cfg, out_dir
         self.progress_enabled = progress
+        self.resume_point: bytes | None = None  # the last checkpoint taken before a final row
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self, force: bool = False) -> RunResult:
@@ -86,7 +91,9 @@ class Trainer:
                 os.close(lock)
 
     @staticmethod
-    def resume(out_dir: str, progress: bool = True) -> RunResult:
+    def resume(out_dir: str, progress: bool = True, budget: list[str] | None = None) -> RunResult:
+        """Continue the run in ``out_dir``; ``budget`` (["budget.iterations=N", ...]) extends or
+        changes its budget: the result equals a run started with that budget."""
         cfg_path = os.path.join(out_dir, "config.yaml")
         if not os.path.isdir(out_dir):
             raise ApgaError(f"--resume {out_dir!r}: no such run directory")
@@ -94,13 +101,25 @@ class Trainer:
             raise ApgaError(f"--resume {out_dir!r}: not an apga run directory (no config.yaml); "
                             "start a run with `apga train CONFIG --out DIR`")
         cfg = cfgmod.from_dict(cfgmod.read_yaml(cfg_path))
+        new_budget = None
+        if budget:  # only budget.* keys may change on a resume
+            for item in budget:
+                if not item.strip().startswith("budget."):
+                    raise ConfigError(f"--resume with --set {item!r}: only budget.* keys (budget.iterations, "
+                                      "budget.time, budget.trajectories) can change when a run continues")
+            cfg = cfgmod.load_config(cfgmod.to_dict(cfg), budget)
+            new_budget = cfg.budget
         trainer = Trainer(cfg, out_dir, progress)
-        if not os.path.exists(os.path.join(out_dir, rundir.CHECKPOINT)):
+        ckptfile.refuse_legacy(out_dir)
+        if not os.path.exists(ckptfile.path(out_dir)):
             # Killed before the first checkpoint (written right after row 0): start again.
             return trainer.start(force=True)
         state = trainer._read_checkpoint()  # read-only checks first: a refused resume writes nothing
         lock = rundir.lock(out_dir)
         try:
+            if new_budget is not None:
+                atomic_write_text(cfg_path, yaml.safe_dump(cfgmod.to_dict(cfg), sort_keys=False))
+            state["resolved"] = cfgmod.to_dict(cfg)
             oracle = build_oracle(cfg)
             try:
                 runtime = state["runtime"]
@@ -117,15 +136,33 @@ class Trainer:
 
     def _read_checkpoint(self) -> dict:
         out_dir = self.out_dir
-        state = rundir.read_checkpoint(out_dir)
-        # compared as YAML text, so that a NaN somewhere (e.g. in env.kwargs) equals itself
+        state, data, embedded = ckptfile.read(out_dir, self.cfg)
+        # compared as YAML text, so that a NaN somewhere (e.g. in env.kwargs) equals itself; the
+        # budget may differ (a run continued with a larger budget)
         try:
             started_with = cfgmod.with_defaults(state["resolved"])
         except ConfigError:
             started_with = state["resolved"]
-        if yaml.safe_dump(started_with) != yaml.safe_dump(cfgmod.to_dict(self.cfg)):
+        now = cfgmod.to_dict(self.cfg)
+        if yaml.safe_dump({**started_with, "budget": None}) != yaml.safe_dump({**now, "budget": None}):
             raise ConfigError(f"--resume {out_dir!r}: config.yaml was edited after the run started; "
                               "restore it, or start a new run with the new config")
+        # A checkpoint taken after the run's last row (its budget used up) carries the last
+        # checkpoint taken before that row, which was written as the last one (with an
+        # evaluation): a longer run restarts from there, so that its metrics.csv equals a run
+        # started with the longer budget.
+        old_budget = cfgmod.from_dict(started_with).budget
+        changed = yaml.safe_dump(started_with["budget"]) != yaml.safe_dump(now["budget"])
+        self.resume_point = embedded if _progress(old_budget, state) >= 1.0 else data
+        if changed:
+            if _progress(old_budget, state) >= 1.0 and _progress(self.cfg.budget, state) < 1.0:
+                if embedded is None:
+                    raise ApgaError(f"--resume {out_dir!r}: this run cannot be extended (its checkpoint keeps "
+                                    "no earlier state); start a new run with the larger budget")
+                state = ckptfile.load_bytes(out_dir, embedded)
+            if _progress(self.cfg.budget, state) >= 1.0:
+                raise ConfigError(f"--resume {out_dir!r}: the new budget is already reached (the run has "
+                                  f"{state['runtime'].totals.iteration} updates); give a larger budget")
         metrics = os.path.join(out_dir, "metrics.csv")
         size = os.path.getsize(metrics) if os.path.isfile(metrics) else -1
         if size < state["csv_bytes"]:
@@ -140,6 +177,9 @@ class Trainer:
         self.log = RunLogger(self.out_dir, f"{cfg.algorithm.name} {cfg.env.id}", self.progress_enabled, resume_from)
         self.wall_start = time.perf_counter() - self.state["wall_offset"]
         runtime.status = self.log.progress.note
+        self.policies = PolicyWriter.for_config(cfg)  # policy_final / policy_best; None for synthetic
+        if resume_from is not None:
+            self._write_best_policy()  # the checkpoint's best: a later one of a killed run is undone
         try:
             if resume_from is None:
                 self._log_row(runtime, None, initial=True)
@@ -186,10 +226,15 @@ class Trainer:
         if cfg.eval.every and (t.iteration % cfg.eval.every == 0 or final):
             eval_ret = self.oracle.evaluate(runtime.alg.theta, cfg.eval.episodes, t.iteration, cfg.eval.deterministic)
             self.state["last_eval"] = eval_ret
+            self.state["eval_iteration"] = t.iteration
             if eval_ret is not None and math.isfinite(eval_ret):
                 self.state["final_eval"] = eval_ret
                 best = self.state["best_eval"]
                 self.state["best_eval"] = eval_ret if best is None else max(best, eval_ret)
+                if best is None or eval_ret > best:  # a new best policy
+                    self.state["best_policy"] = {"theta": np.array(runtime.alg.theta, dtype=np.float64),
+                                                 "iteration": t.iteration, "eval_return": eval_ret}
+                    self._write_best_policy()
         values = {"time": float(runtime.clock), "iteration": t.iteration, "trajectories": t.trajectories,
                   "trajectories_computed": t.trajectories_computed, "env_steps": t.env_steps,
                   "vector_comms": t.vector_comms, "train_return": train_ret, "eval_return": eval_ret,
@@ -209,9 +254,33 @@ class Trainer:
         # Order matters: the CSV lines and TensorBoard events up to this update are on disk
         # before the checkpoint that refers to them is renamed into place.
         self.state.update(self.log.sync())
+        self.state["version"] = ckptfile.VERSION
         self.state["wall_offset"] = time.perf_counter() - self.wall_start
-        rundir.write_checkpoint(self.out_dir, self.state)
-        self._summary(self.state["runtime"], "finished" if final else "running")
+        self._write_final_policy()
+        # A final checkpoint keeps the last one taken before the final row (apga/checkpoint.py);
+        # any other checkpoint taken before the budget ran out becomes it.
+        runtime = self.state["runtime"]
+        ended = budget_fraction(self.cfg, runtime) >= 1.0
+        data = ckptfile.write(self.out_dir, self.state, self.resume_point if ended else None, self.cfg)
+        if not ended:
+            self.resume_point = data
+        self._summary(runtime, "finished" if final else "running")
+
+    # -- policy files (apga/policy_file.py) ------------------------------------------------------
+    def _write_final_policy(self) -> None:
+        if self.policies is not None:
+            runtime = self.state["runtime"]
+            it = runtime.totals.iteration
+            ret = self.state["last_eval"] if self.state.get("eval_iteration") == it else None
+            self.policies.write(self.out_dir, "final", runtime.alg.theta, it, ret)
+
+    def _write_best_policy(self) -> None:
+        if self.policies is not None:
+            best = self.state.get("best_policy")
+            if best is None:
+                self.policies.remove(self.out_dir, "best")
+            else:
+                self.policies.write(self.out_dir, "best", best["theta"], best["iteration"], best["eval_return"])
 
     def _summary(self, runtime: Runtime, status: str, error: str | None = None) -> dict:
         cfg, t = self.cfg, runtime.totals
@@ -251,11 +320,18 @@ class Trainer:
         os.replace(tmp, os.path.join(self.out_dir, "returns.png"))
 
 
+def _progress(budget, state: dict) -> float:
+    """Budget fraction used at a checkpoint's state (resume with another budget)."""
+    runtime = state["runtime"]
+    return budget_progress(budget, runtime.clock, runtime.totals.trajectories, runtime.totals.iteration)
+
+
 def train(cfg: Config, out_dir: str, force: bool = False, progress: bool = True) -> RunResult:
     """Run ``cfg`` into ``out_dir`` (refuses a non-empty dir unless ``force``)."""
     return Trainer(cfg, out_dir, progress).start(force)
 
 
-def resume(out_dir: str, progress: bool = True) -> RunResult:
-    """Continue the run in ``out_dir`` from its last checkpoint; the result equals an uninterrupted run."""
-    return Trainer.resume(out_dir, progress)
+def resume(out_dir: str, progress: bool = True, budget: list[str] | None = None) -> RunResult:
+    """Continue the run in ``out_dir`` from its last checkpoint; the result equals an uninterrupted run.
+    ``budget``: ["budget.iterations=N", ...] continues a (finished) run up to a new budget."""
+    return Trainer.resume(out_dir, progress, budget)

@@ -1,20 +1,20 @@
-"""The run directory: which files are apga's, its lock, creating or emptying it, the checkpoint
-file and the summary. What is atomic and how resume works: docs/guarantees.md."""
+"""The run directory: which files are apga's, its lock, creating or emptying it, and the summary
+(the checkpoint file: apga/checkpoint.py; the policy files: apga/policy_file.py). What is atomic
+and how resume works: docs/guarantees.md."""
 from __future__ import annotations
 
 import json
 import os
-import pickle
 import shutil
 
+from apga import checkpoint
 from apga.errors import ApgaError
-from apga.files import atomic_pickle, atomic_write_text
+from apga.files import atomic_write_text
+from apga.policy_file import FILE_NAMES as POLICY_FILES
 
-RUN_FILES = ("config.yaml", "metrics.csv", "timings.csv", "checkpoint.pkl", "summary.json", "returns.png", "tb",
-             ".lock")
-CHECKPOINT = "checkpoint.pkl"
-CHECKPOINT_VERSION = 3  # 3: protocols of apga/protocol/ (one class per method)
 LOCK_FILE = ".lock"
+RUN_FILES = ("config.yaml", "metrics.csv", "timings.csv", checkpoint.FILE, *checkpoint.LEGACY_FILES, "summary.json",
+             "returns.png", "tb", LOCK_FILE, *POLICY_FILES.values())
 
 
 def remove(path: str) -> None:
@@ -74,24 +74,6 @@ def clean_temp_files(out_dir: str) -> None:
                 remove(os.path.join(out_dir, name))
             except FileNotFoundError:
                 pass
-
-
-def write_checkpoint(out_dir: str, state: dict) -> None:
-    atomic_pickle(os.path.join(out_dir, CHECKPOINT), {**state, "version": CHECKPOINT_VERSION})
-
-
-def read_checkpoint(out_dir: str) -> dict:
-    """The checkpoint's state; one-line ApgaError if it cannot be read or is of another version."""
-    try:
-        with open(os.path.join(out_dir, CHECKPOINT), "rb") as f:
-            state = pickle.load(f)
-    except Exception as exc:  # a checkpoint is written atomically, so this is not a torn write
-        raise ApgaError(f"--resume {out_dir!r}: cannot read {CHECKPOINT} ({type(exc).__name__}: "
-                        f"{' '.join(str(exc).split())})") from None
-    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
-        raise ApgaError(f"--resume {out_dir!r}: {CHECKPOINT} was written by another apga version; "
-                        "start a new run")
-    return state
 
 
 def write_summary(out_dir: str, summary: dict) -> None:

@@ -96,7 +96,7 @@ class RayRuntime(Runtime):
     every actor builds its own with ``oracle_factory`` (default: from ``cfg`` as the Trainer does).
 
     Ray starts lazily, at the first :meth:`step` (or :meth:`start`), so building a runtime costs
-    nothing and a checkpointed runtime can be unpickled and :meth:`attach`-ed without a cluster.
+    nothing and a checkpointed runtime can be loaded and :meth:`attach`-ed without a cluster.
     """
 
     def __init__(self, cfg, algorithm, oracle, times, oracle_factory=None):

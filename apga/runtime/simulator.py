@@ -119,7 +119,7 @@ class Simulator(Runtime):
         # (cancel: false) finished later and discarded, occupying their worker until then. A job
         # whose start (the download's arrival) is after the stop never starts at all; one that
         # starts at the very instant of the stop has started (events at one instant are handled
-        # in worker order, as in the Rennala reference simulator).
+        # in worker order, as in the reference simulator of Tyurin & Richtárik).
         for finish, i, job, start in sorted(heap):
             started = start <= stop
             status = ("cancelled" if self.cancel else "discarded") if started else "unstarted"
