@@ -42,6 +42,8 @@ def add_parser(sub) -> None:
                    "eval return (final, alias best) or area under the curve (auc); writes DIR/picked.yaml")
     p.add_argument("--force", action="store_true",
                    help="rerun runs whose directory holds a different config (otherwise an error)")
+    p.add_argument("--per-seed", action="store_true",
+                   help="also draw every seed's curve as a thin line in the comparison plots")
     p.add_argument("--dry-run", action="store_true", help="validate and list the runs with their state; run nothing")
     p.add_argument("--quiet", action="store_true", help="no progress bar or progress lines")
     p.set_defaults(run=run)
@@ -80,7 +82,7 @@ def run(args) -> int:
     print(f"runs: {rep['ran']} run, {rep['skipped']} already finished, {len(rep['failed'])} failed")
     full = cmp.load_plan(args.config, args.out, args.overrides, args.seeds)
     try:
-        paths = cmp.report(full, metric)
+        paths = cmp.report(full, metric, per_seed=args.per_seed)
     except ApgaError:
         if rep["failed"]:
             return 1
