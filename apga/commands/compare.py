@@ -69,6 +69,14 @@ def run(args) -> int:
             print(f"{state:9s} {r.out_dir}" + (f"  ({detail})" if detail else ""))
         print(f"{len(plan.runs)} runs: {len(plan.settings)} setting(s) x {len(plan.variants)} variant(s) x "
               f"{len(plan.seeds)} seed(s)" + (" (filtered by --only)" if args.only else ""))
+        todo = [r for r in plan.runs if cmp.run_state(r)[0] != "finished"]
+        if todo:  # what the unfinished runs will cost (apga.estimate)
+            from apga.estimate import describe, estimate_plan
+            jobs = max(1, min(args.jobs or os.cpu_count() or 1, len(todo)))
+            unfinished = cmp.Plan(plan.path, plan.out, plan.title, plan.seeds, plan.settings, plan.variants,
+                                  plan.families, plan.grid_points, plan.thresholds, plan.baselines, todo)
+            for line in describe(estimate_plan(unfinished, jobs), jobs):
+                print(line)
         return 0
 
     try:
