@@ -9,8 +9,8 @@ wall time from a short measurement on this machine (``apga compare --dry-run``).
   (measured) and every episode at the horizon H (a trained policy can last that long). Evaluation
   episodes (``eval.episodes`` every ``eval.every`` updates, plus the initial and final ones) count.
 - **Wall time**: the steps at the rate measured (in CPU seconds, i.e. as on an idle core) by
-  rolling out and differentiating one batch of trajectories of the run's own oracle at its
-  initial point, spread over the processes. Not counted: each run's start-up (a few seconds),
+  rolling out and differentiating trajectories of the run's own oracle at its initial point, as
+  many at once as the run will (a round's batch; one for AFedPG), spread over the processes. Not counted: each run's start-up (a few seconds),
   and other jobs sharing the cores. Rates change during training (longer episodes batch better):
   an estimate, not a promise.
 """
@@ -59,8 +59,17 @@ def schedule(cfg, dim: int) -> Schedule:
     return Schedule(sim.totals.iteration, sim.totals.trajectories, sim.clock, events < MAX_EVENTS)
 
 
+def rollout_batch(cfg) -> int:
+    """How many trajectories the run rolls out together: a round's batch (at most
+    policy.rollout_batch) for the round methods, one for AFedPG (its jobs sit at different points)."""
+    if cfg.algorithm.name == "afedpg":
+        return 1
+    return max(1, min(cfg.algorithm.batch_size, cfg.policy.rollout_batch))
+
+
 def measure(cfg) -> tuple[int, Rate]:
-    """(policy dimension d, training rate on one core at the initial point) of the run's oracle."""
+    """(policy dimension d, training rate on one core at the initial point) of the run's oracle,
+    rolling out ``rollout_batch(cfg)`` trajectories per call as the run will."""
     import dataclasses
 
     from apga.training import build_oracle
@@ -69,13 +78,15 @@ def measure(cfg) -> tuple[int, Rate]:
     try:
         x0 = oracle.initial_point()
         n = cfg.workers.n
-        jobs = [(i % n, i // n) for i in range(MEASURE_TRAJECTORIES)]
-        oracle.gradients(x0, jobs[:n])  # warm-up: first calls build environments and caches
+        batch = rollout_batch(cfg)
+        total = MEASURE_TRAJECTORIES if batch > 1 else MEASURE_TRAJECTORIES // 4
+        jobs = [(i % n, i // n) for i in range(total)]
+        oracle.gradients(x0, jobs[:batch])  # warm-up: first calls build environments and caches
         start = time.process_time()  # CPU time: the rate of one idle core, whatever else runs now
-        out = oracle.gradients(x0, jobs)
+        outs = [oracle.gradients(x0, jobs[i:i + batch]) for i in range(0, total, batch)]
         seconds = time.process_time() - start
-        steps = sum(b.env_steps for b in out.values())
-        episodes = sum(len(b.lengths) for b in out.values()) or 1
+        steps = sum(b.env_steps for out in outs for b in out.values())
+        episodes = sum(len(b.lengths) for out in outs for b in out.values()) or 1
         rate = Rate(steps / seconds if seconds > 0 else math.inf, steps / episodes)
         return oracle.dim, rate
     finally:
@@ -110,7 +121,7 @@ def estimate_plan(plan, jobs: int) -> dict:
         key = (run.setting, run.variant)
         if key not in per:
             cfg = run.cfg
-            env_key = (cfg.env.id, repr(cfg.env), repr(cfg.policy), cfg.workers.n)
+            env_key = (cfg.env.id, repr(cfg.env), repr(cfg.policy), cfg.workers.n, rollout_batch(cfg))
             if cfg.runtime.name != "sim":
                 per[key] = None
             else:
