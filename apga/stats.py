@@ -101,6 +101,8 @@ def verdict(method: str, baseline: str, sp: dict | None, label=str) -> str:
     m, b = label(method), label(baseline)
     if sp is None:
         return f"{m} vs {b}: no paired seeds"
+    if len(sp["seeds"]) < 2:
+        return f"{m} vs {b}: {sp['ratio']:.2f}× on 1 paired seed, too few for an interval"
     ci = f"{sp['ratio']:.2f}× (90 % CI {sp['low']:.2f}–{sp['high']:.2f}, {len(sp['seeds'])} paired seeds)"
     if sp["low"] > 1:
         return f"{m} first against {b}: {ci}, CI excludes 1"
