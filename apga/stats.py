@@ -16,7 +16,7 @@ by the time of its last evaluation (the latest time at which it was known not to
 a LOWER bound on its true time. So a censored method's median and IQM are lower bounds; a
 ratio t_B/t_M is a lower bound when only B's seed is censored, an upper bound when only M's is,
 and compares the two budgets when both are. The counts of censored seeds are reported next to
-every number, and a verdict never rests on a median that is itself censored.
+every number and in the verdict sentence, and a median that is itself censored is marked.
 """
 from __future__ import annotations
 
@@ -103,7 +103,10 @@ def verdict(method: str, baseline: str, sp: dict | None, label=str) -> str:
         return f"{m} vs {b}: no paired seeds"
     if len(sp["seeds"]) < 2:
         return f"{m} vs {b}: {sp['ratio']:.2f}× on 1 paired seed, too few for an interval"
-    ci = f"{sp['ratio']:.2f}× (90 % CI {sp['low']:.2f}–{sp['high']:.2f}, {len(sp['seeds'])} paired seeds)"
+    censored = [f"{k} of {who}'s seeds never arrived" for k, who in
+                ((sp.get("censored_mine", 0), m), (sp.get("censored_theirs", 0), b)) if k]
+    ci = (f"{sp['ratio']:.2f}× (90 % CI {sp['low']:.2f}–{sp['high']:.2f}, {len(sp['seeds'])} paired seeds"
+          + "".join(f"; {c}" for c in censored) + ")")
     if sp["low"] > 1:
         return f"{m} first against {b}: {ci}, CI excludes 1"
     if sp["high"] < 1:

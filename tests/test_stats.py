@@ -62,6 +62,9 @@ def test_verdict_sentence_follows_the_interval():
     assert stats.verdict("rennala_nigt", "sync_nigt", tie, lab).startswith(
         "tie between Rennala NIGT and synchronous NIGT: 1.10×")
     assert "CI includes 1" in stats.verdict("a", "b", tie)
+    censored = {**faster, "censored_theirs": 1}
+    assert stats.verdict("rennala_nigt", "afedpg", censored, lab).endswith(
+        "(90 % CI 1.20–1.90, 2 paired seeds; 1 of AFedPG's seeds never arrived), CI excludes 1")
     one = {"seeds": [0], "ratio": 2.0, "low": 2.0, "high": 2.0}
     assert stats.verdict("a", "b", one) == "a vs b: 2.00× on 1 paired seed, too few for an interval"
 
