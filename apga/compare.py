@@ -26,6 +26,10 @@ resolved in this order (later wins):
 
     base <- setting <- variant <- setting.variants[variant] <- grid point <- --set <- seed
 
+Unlike `apga train`, a comparison defaults to ``runtime.streams: round`` (common random numbers:
+with the same seed, methods whose rounds coincide draw the same trajectories, so per-seed
+differences are the methods', not sampling noise); set ``runtime.streams: job`` to opt out.
+
 Every resolved run config is validated (``apga.config.load_config`` plus the time model and the
 environment id) before anything is written. Runs go to ``OUT/<setting>/<variant>/seed<k>/``,
 laid out exactly as ``apga train`` writes them; a finished run with an unchanged config is
@@ -34,12 +38,15 @@ skipped, an unfinished one is resumed.
 Threshold: ``{fraction: F}`` (default F = 0.9) = mean initial eval return + F x (best method's final
 mean - initial), per setting, i.e. F of the best final return when the initial return is ~0 (and
 still meaningful for negative returns); a number or ``{value: X}`` is an absolute return. Time to
-threshold = the first evaluation at or above it; speed-up vs B = B's mean time / the method's.
+threshold = the first evaluation at or above it. summary.md gives per method its median and IQM
+over seeds and the paired (same seed) speed-up against each baseline, with 90 % bootstrap
+intervals, and one sentence per setting saying what they support (``apga.stats``, which also
+says how seeds that never reach the threshold are counted).
 
 Outputs in OUT: comparison.png (eval return against simulated time, one panel per setting, mean
-and 20-80 % band over seeds), comparison_trajectories.png and comparison_comms.png (the same
+and 20-80 % band over seeds, the threshold dashed), comparison_trajectories.png and comparison_comms.png (the same
 against trajectories used and vector communications), comparison.csv (every evaluation row),
-summary.md and summary.json (final return, time to threshold, speed-ups), and with ``--pick``
+summary.md and summary.json (final return, time to threshold, paired speed-ups), and with ``--pick``
 picked.yaml (the best grid point per method).
 """
 from __future__ import annotations
@@ -52,7 +59,6 @@ import math
 import os
 import re
 import sys
-import textwrap
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -64,6 +70,7 @@ import yaml
 
 from apga import config as cfgmod
 from apga.errors import ApgaError, ConfigError
+from apga.stats import EXPLANATION as STATS_EXPLANATION, fmt_interval
 
 COMPARE_KEYS = ("base", "base_file", "seeds", "threshold", "baselines", "grid", "title", "settings", "variants")
 SETTING_RESERVED = ("threshold", "variants")
@@ -72,6 +79,7 @@ REPLACE_KEYS = {"workers.compute_time", "workers.comm_time", "workers.allreduce_
 DEFAULT_SETTING = "default"
 DEFAULT_SEEDS = 5
 DEFAULT_FRACTION = 0.9
+COMPARE_STREAMS = "round"  # runtime.streams of every run unless the compare config sets it
 PICK_METRICS = ("final", "auc")
 AXES = (("time", "simulated seconds", "comparison.png"),
         ("trajectories", "trajectories used", "comparison_trajectories.png"),
@@ -265,6 +273,15 @@ def _deep_validate(cfg, where: str, checked: set) -> None:
         raise ConfigError(f"{where}: {exc}") from None
 
 
+def _with_compare_defaults(base: dict) -> dict:
+    """A comparison pairs its methods: unless the config says otherwise, runtime.streams is
+    ``round`` (common random numbers), not the ``job`` default of `apga train`."""
+    runtime = base.get("runtime")
+    if runtime is None or (isinstance(runtime, dict) and "streams" not in runtime):
+        base["runtime"] = {**(runtime or {}), "streams": COMPARE_STREAMS}
+    return base
+
+
 def load_plan(path: str, out: str, overrides: list | None = None, seeds: int | None = None,
               only: list | None = None) -> Plan:
     """Read and validate a compare config; every run config is resolved and checked. Writes nothing."""
@@ -385,7 +402,7 @@ def load_plan(path: str, out: str, overrides: list | None = None, seeds: int | N
             fam = fam_of[v]
             where = f"{path}: setting {s!r}, variant {v!r}"
             try:
-                d = cfgmod._deepcopy(base)
+                d = _with_compare_defaults(cfgmod._deepcopy(base))
                 merge_overrides(d, setting_overrides[s])
                 merge_overrides(d, variant_overrides[fam])
                 merge_overrides(d, setting_variant_ov[s].get(fam) or {})
@@ -765,9 +782,16 @@ def summarise(plan: Plan, results: dict) -> dict:
                 else:
                     sp[b] = {"ratio": theirs / mine, "bound": None}
             stats[v]["speedup"] = sp
+        # medians, IQMs and paired speed-ups with bootstrap intervals (apga.stats)
+        from apga.stats import setting_statistics
+        hits = {v: {k: (t, float(rows["time"][-1])) for (k, rows), t in
+                    zip(results[(s, v)], stats[v]["to_threshold"]["time"]["values"])} for v in present}
+        st_all = setting_statistics(hits, [b for b in plan.baselines if b in stats])
+        for v in present:
+            stats[v]["time_stats"], stats[v]["paired"] = st_all["time"][v], st_all["paired"][v]
         out["settings"][s] = {"threshold": threshold, "threshold_rule": {kind: x}, "initial_return": initial,
                               "best_variant": best_v, "best_final_mean": best, "auc_horizon": t_common,
-                              "variants": stats}
+                              "verdict": st_all["verdict"], "variants": stats}
     return out
 
 
@@ -804,7 +828,21 @@ def write_csv(plan: Plan, results: dict, path: str) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-def plot(plan: Plan, results: dict, out: str) -> list:
+def wrap_title(title: str, width: int) -> str:
+    """Wrap a title only after ', ' or '; ', so a formula such as h_i = sqrt(i) stays on one line."""
+    parts = re.split(r"(?<=[,;]) ", title)
+    lines = [parts[0]]
+    for part in parts[1:]:
+        if len(lines[-1]) + 1 + len(part) <= width:
+            lines[-1] += " " + part
+        else:
+            lines.append(part)
+    return "\n".join(lines)
+
+
+def plot(plan: Plan, results: dict, out: str, thresholds: dict | None = None, per_seed: bool = False) -> list:
+    """One panel per setting: per method the mean over seeds and the 20-80 % band (legend says so),
+    the threshold as a dashed line, and with ``per_seed`` every seed's curve as a thin line."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -830,9 +868,15 @@ def plot(plan: Plan, results: dict, out: str) -> list:
                 curves = np.stack([step_hold(rows[axis], rows["eval_return"], xs) for _, rows in seeds])
                 mean = curves.mean(axis=0)
                 lo, hi = np.percentile(curves, 20, axis=0), np.percentile(curves, 80, axis=0)
-                ax.plot(xs, mean, color=colours[v], lw=1.6, label=f"{v} ({len(seeds)} seeds)")
+                if per_seed:
+                    for c in curves:
+                        ax.plot(xs, c, color=colours[v], lw=0.5, alpha=0.35)
+                ax.plot(xs, mean, color=colours[v], lw=1.6, label=f"{v}: mean of {len(seeds)} seeds")
                 ax.fill_between(xs, lo, hi, color=colours[v], alpha=0.2, lw=0)
-            ax.set_title(s if len(plan.settings) > 1 or s != DEFAULT_SETTING else textwrap.fill(plan.title, 57),
+            ax.fill_between([], [], [], color="grey", alpha=0.3, lw=0, label="band: 20-80 % of seeds")
+            if thresholds and s in thresholds:
+                ax.axhline(thresholds[s], color="black", ls="--", lw=0.9, label=f"threshold {thresholds[s]:.4g}")
+            ax.set_title(s if len(plan.settings) > 1 or s != DEFAULT_SETTING else wrap_title(plan.title, 57),
                          fontsize=10)
             ax.set_xlabel(label)
             ax.set_ylabel("eval return")
@@ -840,7 +884,7 @@ def plot(plan: Plan, results: dict, out: str) -> list:
             ax.legend(fontsize=7)
         if len(plan.settings) > 1 or plan.settings[0] != DEFAULT_SETTING:
             # about 11 characters per inch of figure width at this font size: wrap, never cut
-            fig.suptitle(textwrap.fill(f"{plan.title}: mean and 20-80 % band over seeds", int(11 * 5.2 * ncol)),
+            fig.suptitle(wrap_title(f"{plan.title}; mean and 20-80 % band over seeds", int(11 * 5.2 * ncol)),
                          fontsize=11)
         fig.tight_layout()
         buf = io.BytesIO()
@@ -857,11 +901,7 @@ def write_summary_md(plan: Plan, summary: dict, picked: dict | None, path: str, 
          f"Compare config `{plan.path}`; seeds {', '.join(map(str, plan.seeds))}; "
          f"runs in `<setting>/<variant>/seed<k>/`.", "",
          "- **final return**: the last evaluation of each run; mean over seeds and the 20 % / 80 % percentiles.",
-         "- **time to threshold**: the first simulated time at which an evaluation reached the threshold, "
-         "mean over the seeds that reached it (reached = how many); **median**: over all seeds, a seed "
-         "that never reached it counting as infinitely late (— if that is the median).",
-         "- **speed-up vs B**: B's mean time to threshold / this method's; `>x`: B never reached the threshold "
-         "within its budget, so the speed-up is at least x; —: not defined (a method did not reach it).",
+         *STATS_EXPLANATION,
          "- **AUC**: the mean eval return over [0, T] (step-wise hold), T = the shortest run of the setting.", "",
          "Figures: [comparison.png](comparison.png) (against time), "
          "[comparison_trajectories.png](comparison_trajectories.png), "
@@ -874,23 +914,22 @@ def write_summary_md(plan: Plan, summary: dict, picked: dict | None, path: str, 
         else:
             why = "set in the config"
         L += [f"## {s}", "", f"Threshold: **{st['threshold']:.4g}** ({why}).", ""]
+        if st.get("verdict"):
+            L += [f"**{st['verdict']}**", ""]
         bls = [b for b in plan.baselines if b in st["variants"]]
-        head = ["method", "seeds", "final mean", "20 %", "80 %", "AUC", "time to threshold", "median", "reached"]
-        head += [f"speed-up vs {b}" for b in bls]
+        head = ["method", "seeds", "final mean", "20 %", "80 %", "AUC", "reached", "median time (90 % CI)",
+                "IQM time (90 % CI)"]
+        head += [f"paired speed-up vs {b} (90 % CI), first/tie/later" for b in bls]
         L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for v, vs in st["variants"].items():
-            tt = vs["to_threshold"]
+            tt, ts = vs["to_threshold"], vs["time_stats"]
             row = [f"`{v}`", str(len(vs["seeds"])), _num(vs["final"]["mean"]), _num(vs["final"]["p20"]),
-                   _num(vs["final"]["p80"]), _num(vs["auc"]["mean"]), _num(tt["time"]["mean"]),
-                   _num(tt["time"].get("median")), f"{tt['reached']}/{tt['n']}"]
+                   _num(vs["final"]["p80"]), _num(vs["auc"]["mean"]), f"{tt['reached']}/{tt['n']}",
+                   ("≥ " if ts["median"]["censored"] else "") + fmt_interval(ts["median"]), fmt_interval(ts["iqm"])]
             for b in bls:
-                sp = vs["speedup"].get(b, {})
-                if sp.get("ratio") is not None:
-                    row.append(_num(sp["ratio"], ".3g"))
-                elif sp.get("bound") is not None and sp["bound"] > 1:  # a bound below 1 says nothing useful
-                    row.append(f">{sp['bound']:.3g}")
-                else:
-                    row.append("—")
+                sp = vs["paired"].get(b)
+                row.append("—" if sp is None else
+                           f"{fmt_interval(sp, '.3g')}, {sp['first']}/{sp['tied']}/{sp['later']}")
             L.append("| " + " | ".join(row) + " |")
         L.append("")
         rob = {v: vs["robustness"] for v, vs in st["variants"].items() if "robustness" in vs}
@@ -934,7 +973,7 @@ def write_picked(plan: Plan, picked: dict, path: str) -> None:
     atomic_write_text(path, head + yaml.safe_dump(doc, sort_keys=False, default_flow_style=None))
 
 
-def report(plan: Plan, pick_metric: str | None = None) -> dict:
+def report(plan: Plan, pick_metric: str | None = None, per_seed: bool = False) -> dict:
     """Aggregate the finished runs into the output files. Returns {name: path}."""
     results = collect(plan)
     if not results:
@@ -947,7 +986,7 @@ def report(plan: Plan, pick_metric: str | None = None) -> dict:
     paths = {}
     paths["csv"] = os.path.join(plan.out, "comparison.csv")
     write_csv(plan, results, paths["csv"])
-    figs = plot(plan, results, plan.out)
+    figs = plot(plan, results, plan.out, {k: st["threshold"] for k, st in summary["settings"].items()}, per_seed)
     paths["plot"], paths["plot_trajectories"], paths["plot_comms"] = figs
     paths["summary"] = os.path.join(plan.out, "summary.md")
     write_summary_md(plan, summary, picked, paths["summary"], missing)
