@@ -38,31 +38,42 @@ class Rate:
     initial_length: float  # mean episode length of the initial policy
 
 
-def schedule(cfg, dim: int) -> Schedule:
-    """Replay the run's schedule (simulator only) with its time model and a 1-d synthetic oracle."""
+def replay(cfg, dim: int, max_events: int = MAX_EVENTS):
+    """The run's schedule on the simulator: its own time model (for a policy of ``dim``
+    parameters) and protocol, with a one-dimensional synthetic oracle (a schedule depends on
+    counts only, never on gradient values). Yields the simulator after each update until the
+    budget stops it or ``max_events`` updates were made."""
     from apga.oracle.synthetic import SyntheticOracle
-    from apga.protocol.algorithms import make_algorithm
+    from apga.run.build import build_protocol
+    from apga.run.loop import budget_fraction
     from apga.runtime.simulator import Simulator
     from apga.runtime.timing import TimeModel
-    from apga.training import budget_fraction
 
     w, a = cfg.workers, cfg.algorithm
     oracle = SyntheticOracle(w.n, cfg.seed, dim=1)
     times = TimeModel(w.compute_time, w.comm_time, w.allreduce_time, w.n, dim, cfg.seed)
-    alg = make_algorithm(a.name, w.n, oracle.initial_point(), a.step_size, a.momentum, a.batch_size,
-                         a.init_batch_size, a.step_schedule)
-    sim = Simulator(alg, oracle, times, a.aggregation, a.cancel, cfg.runtime.streams)
-    events = 0
-    while budget_fraction(cfg, sim.totals, sim.clock) < 1.0 and events < MAX_EVENTS:
+    sim = Simulator(build_protocol(cfg, oracle.initial_point()), oracle, times, a.aggregation, a.cancel,
+                    cfg.runtime.streams)
+    while budget_fraction(cfg, sim) < 1.0 and sim.totals.iteration < max_events:
         sim.step()
-        events += 1
-    return Schedule(sim.totals.iteration, sim.totals.trajectories, sim.clock, events < MAX_EVENTS)
+        yield sim
+
+
+def schedule(cfg, dim: int) -> Schedule:
+    """Replay the run's schedule (simulator only) until its budget stops it."""
+    sim = None
+    for sim in replay(cfg, dim):
+        pass
+    if sim is None:
+        return Schedule(0, 0, 0.0, True)
+    return Schedule(sim.totals.iteration, sim.totals.trajectories, sim.clock, sim.totals.iteration < MAX_EVENTS)
 
 
 def rollout_batch(cfg) -> int:
     """How many trajectories the run rolls out together: a round's batch (at most
     policy.rollout_batch) for the round methods, one for AFedPG (its jobs sit at different points)."""
-    if cfg.algorithm.name == "afedpg":
+    from apga.protocol.registry import protocol_class
+    if protocol_class(cfg.algorithm.name).schedule == "per_gradient":
         return 1
     return max(1, min(cfg.algorithm.batch_size, cfg.policy.rollout_batch))
 
@@ -72,7 +83,7 @@ def measure(cfg) -> tuple[int, Rate]:
     rolling out ``rollout_batch(cfg)`` trajectories per call as the run will."""
     import dataclasses
 
-    from apga.training import build_oracle
+    from apga.run.build import build_oracle
     single = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, processes=1))
     oracle = build_oracle(single)
     try:

@@ -7,8 +7,8 @@ time model, ``workers.compute_time: {trace: timings.csv}`` (each worker's comput
 order they were measured), ``workers.comm_time: {trace: ...}`` (each worker's mean transfer) and
 ``workers.allreduce_time: {trace: ...}`` (the mean AllReduce), and runs the simulator on the run's
 own config. Round schedules depend on counts only, never on gradient values, so the replay
-computes its gradients with the synthetic oracle (same workers, same dimension): the times are
-those of the real run's task, at a fraction of the cost.
+is apga.estimate's (a one-dimensional synthetic oracle): the times are those of the real run's
+task, at a fraction of the cost.
 """
 from __future__ import annotations
 
@@ -18,23 +18,11 @@ import numpy as np
 
 from apga import config as cfgmod
 from apga.errors import ApgaError
+from apga.estimate import replay
 
 BUILTIN_ORDER = ("rennala_nigt", "malenia_nigt", "sync_nigt", "afedpg", "rennala_pg", "sync_pg")
 
 
-def _replay(cfg, timings: str, dim: int) -> np.ndarray:
-    """Update times of ``cfg`` on the simulator with the time model read from ``timings``."""
-    from apga.oracle.synthetic import SyntheticOracle
-    from apga.run.build import build_protocol, build_times
-    from apga.run.loop import budget_fraction
-    from apga.runtime.simulator import Simulator
-    oracle = SyntheticOracle(cfg.workers.n, cfg.seed, dim=dim)
-    sim = Simulator(build_protocol(cfg, oracle.initial_point()), oracle, build_times(cfg, oracle),
-                    cfg.algorithm.aggregation, cfg.algorithm.cancel, cfg.runtime.streams)
-    times = [0.0]
-    while budget_fraction(cfg, sim) < 1.0:
-        times.append(sim.step().time)
-    return np.array(times)
 
 
 def predict(run_dir: str, methods: list[str] | None = None) -> dict:
@@ -80,7 +68,7 @@ def predict(run_dir: str, methods: list[str] | None = None) -> dict:
                 raise
             a["aggregation"] = "server"  # a per-gradient method: it has no AllReduce form
             run_cfg = cfgmod.from_dict(d)
-        t = _replay(run_cfg, timings, dim)
+        t = np.array([0.0] + [sim.clock for sim in replay(run_cfg, dim)])
         row = {"method": name, "aggregation": run_cfg.algorithm.aggregation, "updates": len(t) - 1,
                "predicted_per_update": float(np.mean(np.diff(t))) if len(t) > 1 else None,
                "predicted_total": float(t[-1])}

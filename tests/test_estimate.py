@@ -11,7 +11,7 @@ import yaml
 import apga
 from apga import estimate
 from apga.cli import main
-from apga.training import build_oracle
+from apga.run.build import build_oracle
 
 SYNTH = {
     "env": {"id": "synthetic", "kwargs": {"dim": 6, "noise": 0.5}},
