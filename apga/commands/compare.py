@@ -14,7 +14,7 @@ examples:
   apga compare configs/paper/sqrt.yaml --out runs/paper/sqrt --dry-run          # Humanoid: what it costs
   apga compare configs/tune_reacher.yaml --out runs/tune_reacher --pick final   # step-size search: ~4 min
 
-A compare config (see apga/compare.py and docs/results.md) has base: or base_file:, variants:
+A compare config (see apga/compare/plan.py and docs/results.md) has base: or base_file:, variants:
 (name -> overrides), and optionally settings: (name -> overrides; one panel each), seeds:,
 threshold:, baselines:, grid:, title:. Every run is one `apga train` run in
 DIR/<setting>/<variant>/seed<k>/, with runtime.streams: round (paired seeds) unless the config
