@@ -51,6 +51,11 @@ def add_parser(sub) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="validate and list the runs with their state, estimate what the unfinished ones cost; "
                    "run nothing")
+    p.add_argument("--address", metavar="HOST:PORT",
+                   help="run every run as a Ray task on this cluster (`ray start --head`; auto = the one "
+                   "recorded on this machine); --out must be on a filesystem every node sees")
+    p.add_argument("--cpus-per-run", type=float, default=1.0, metavar="C",
+                   help="with --address: CPUs reserved per run (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or progress lines")
     p.set_defaults(run=run)
 
@@ -64,6 +69,10 @@ def run(args) -> int:
         raise ApgaError(f"--seeds: must be >= 1, got {args.seeds}")
     if args.jobs is not None and args.jobs < 1:
         raise ApgaError(f"--jobs: must be >= 1, got {args.jobs}")
+    if not (args.cpus_per_run > 0 and args.cpus_per_run < 1e6):
+        raise ApgaError(f"--cpus-per-run: must be a number of CPUs > 0, got {args.cpus_per_run}")
+    if args.address is not None and args.jobs is not None:
+        raise ApgaError("--jobs sets local processes; with --address the cluster's CPUs and --cpus-per-run decide")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ApgaError(f"--out {args.out!r} exists and is not a directory")
     metric = {"best": "final"}.get(args.pick, args.pick)
@@ -86,7 +95,8 @@ def run(args) -> int:
         return 0
 
     try:
-        rep = cmp.execute(plan, args.jobs, args.force, progress=not args.quiet)
+        rep = cmp.execute(plan, args.jobs, args.force, progress=not args.quiet, address=args.address,
+                          cpus_per_run=args.cpus_per_run)
     except KeyboardInterrupt:
         sys.stderr.write("apga: interrupted; run the same `apga compare` command again to resume\n")
         return 130

@@ -21,13 +21,13 @@ __all__ = ["compare", "load_plan", "Plan", "Run", "execute", "run_state", "repor
 
 def compare(path: str, out: str, seeds: int | None = None, jobs: int | None = None, overrides: list | None = None,
             only: list | None = None, force: bool = False, pick_metric: str | None = None,
-            progress: bool = True) -> tuple[dict, dict]:
+            progress: bool = True, address: str | None = None, cpus_per_run: float = 1.0) -> tuple[dict, dict]:
     """Python API of `apga compare`: validate, run, aggregate. Returns (run report, output paths)."""
     if pick_metric is not None and pick_metric not in PICK_METRICS:
         raise ApgaError(f"--pick {pick_metric!r}: choose one of {', '.join(PICK_METRICS)}")
     if os.path.exists(out) and not os.path.isdir(out):
         raise ApgaError(f"--out {out!r} exists and is not a directory")
     plan = load_plan(path, out, overrides, seeds, only)
-    run_report = execute(plan, jobs, force, progress)
+    run_report = execute(plan, jobs, force, progress, address, cpus_per_run)
     paths = report(load_plan(path, out, overrides, seeds), pick_metric)
     return run_report, paths

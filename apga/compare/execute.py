@@ -185,8 +185,10 @@ class OverallProgress:
             self.bar.close()
 
 
-def execute(plan: Plan, jobs: int | None = None, force: bool = False, progress: bool = True) -> dict:
-    """Run every unfinished run of the plan in parallel processes. Returns {'skipped', 'ran', 'failed'}."""
+def execute(plan: Plan, jobs: int | None = None, force: bool = False, progress: bool = True,
+            address: str | None = None, cpus_per_run: float = 1.0) -> dict:
+    """Run every unfinished run of the plan in parallel processes, or with ``address`` as Ray tasks
+    on that cluster (apga/compare/cluster.py). Returns {'skipped', 'ran', 'failed'}."""
     states = [(run, *run_state(run)) for run in plan.runs]
     changed = [(r, d) for r, st, d in states if st == "changed"]
     if changed and not force:
@@ -199,6 +201,9 @@ def execute(plan: Plan, jobs: int | None = None, force: bool = False, progress: 
     report = {"skipped": skipped, "ran": 0, "failed": []}
     if not todo:
         return report
+    if address is not None:
+        from apga.compare.cluster import execute_on_cluster
+        return execute_on_cluster(plan, [r for r, _ in todo], skipped, len(states), address, cpus_per_run, progress)
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(todo)))
     bar = OverallProgress(len(states), progress)
     done_frac = {id(r): 1.0 for r, st, _ in states if st == "finished"}

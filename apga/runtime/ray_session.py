@@ -15,6 +15,7 @@ Joining a cluster (``runtime.address: HOST:PORT``) leaves all of that to whoever
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import re
 import secrets
@@ -37,6 +38,9 @@ SHUTDOWN_GRACE = 5.0  # seconds Ray's processes get to exit by themselves before
 def _import_ray():
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
+    # Ray announces at every start that token authentication is on (apga wants it on): not a
+    # warning that needs the user.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     return ray
 
 
