@@ -18,6 +18,19 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+MAX_ERROR_CHARS = 1000
+
+
+def one_line(message: str) -> str:
+    """An error message as one line of bounded length: whatever value a message quotes (a 10 MB
+    env id...), the user sees one readable line."""
+    text = " ".join(message.split())
+    if len(text) > MAX_ERROR_CHARS:
+        half = MAX_ERROR_CHARS // 2
+        text = f"{text[:half]} [... {len(text) - 2 * half} characters cut ...] {text[-half:]}"
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="apga",
@@ -42,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except ApgaError as exc:
-        sys.stderr.write(f"apga: error: {exc}\n")
+        sys.stderr.write(f"apga: error: {one_line(str(exc))}\n")
         return 2
     except KeyboardInterrupt:
         hint = {"train": "; continue with `apga train --resume DIR`",

@@ -1,0 +1,169 @@
+"""Hostile and absurd input (issue 13): every case ends fast with exit 2 and one line on stderr
+naming the key or path, no traceback, and nothing written. The fail-fast cases run the real
+`apga` executable and check time and peak memory with generous margins (they only catch a
+hang or a blow-up, never a slow machine).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+BASE = {
+    "seed": 3,
+    "env": {"id": "synthetic", "kwargs": {"dim": 4}},
+    "algorithm": {"name": "rennala_nigt", "batch_size": 4},
+    "workers": {"n": 3, "compute_time": "sqrt", "comm_time": 0.1},
+    "budget": {"iterations": 6},
+    "eval": {"every": 3},
+    "checkpoint": {"every": 2},
+}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MEMORY_CAP = 3 << 30  # address-space cap of the child: a regression fails instead of swapping
+
+
+def snapshot(root) -> dict:
+    out = {}
+    for folder, dirs, files in os.walk(root):
+        for d in dirs:
+            out[os.path.join(folder, d)] = None
+        for f in files:
+            p = os.path.join(folder, f)
+            if os.path.isfile(p):
+                with open(p, "rb") as fh:
+                    out[p] = hashlib.sha256(fh.read()).hexdigest()
+            else:
+                out[p] = "special"
+    return out
+
+
+def apga(argv, cwd, timeout=120, env=None):
+    """Run `python -m apga ARGV` under an address-space cap; returns (exit code, stdout, stderr, seconds)."""
+    full_env = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
+
+    def limits():
+        resource.setrlimit(resource.RLIMIT_AS, (MEMORY_CAP, MEMORY_CAP))
+
+    start = time.monotonic()
+    p = subprocess.Popen([sys.executable, "-m", "apga", *argv], cwd=cwd, env=full_env, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=limits)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.communicate()
+        raise AssertionError(f"apga {' '.join(argv)[:200]} did not end within {timeout} s") from None
+    return p.returncode, out, err, time.monotonic() - start
+
+
+def check_error(code, err, *words):
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    lines = err.strip("\n").split("\n")
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{err[:3000]}"
+    line = lines[0]
+    assert line.startswith("apga: error: "), line
+    assert len(line) < 1100, line[:300]
+    for w in words:
+        assert w in line, f"{w!r} not in {line!r}"
+    return line
+
+
+def write(path, cfg) -> str:
+    with open(path, "w") as f:
+        f.write(cfg if isinstance(cfg, str) else yaml.safe_dump(cfg))
+    return str(path)
+
+
+def expect_refused(tmp_path, argv, *words, timeout=120, env=None):
+    """Run apga with ARGV ({dir} and {out} filled in) and check the clean refusal: nothing in
+    tmp_path changes and the --out dir is never created."""
+    out = tmp_path / "out"
+    argv = [a.format(out=out, dir=tmp_path) for a in argv]
+    before = snapshot(tmp_path)
+    code, stdout, err, seconds = apga(argv, tmp_path, timeout=timeout, env=env)
+    line = check_error(code, err, *words)
+    assert not out.exists(), "the run directory was created"
+    assert snapshot(tmp_path) == before, "something was written"
+    return line, seconds
+
+
+def _peak_rss_mb(argv, cwd) -> tuple[int, str, float]:
+    """Exit code, stderr and peak RSS (MB) of one apga run, measured by wait4 on that child."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+
+    def limits():
+        resource.setrlimit(resource.RLIMIT_AS, (MEMORY_CAP, MEMORY_CAP))
+
+    p = subprocess.Popen([sys.executable, "-m", "apga", *argv], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, preexec_fn=limits)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # wait4, not poll(): poll would reap the child and lose its rusage
+        pid, status, usage = os.wait4(p.pid, os.WNOHANG)
+        if pid:
+            p.returncode = os.waitstatus_to_exitcode(status)
+            return p.returncode, p.stderr.read().decode(), usage.ru_maxrss / 1024
+        time.sleep(0.05)
+    p.kill()
+    raise AssertionError("apga did not end within 120 s")
+
+
+# --- item 1: YAML alias bombs ------------------------------------------------------------------
+
+
+def _alias_bomb(levels: int) -> str:
+    text = "x0: &a0 [l,l,l,l,l,l,l,l,l,l]\n"
+    for i in range(1, levels + 1):
+        text += f"x{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 10) + "]\n"
+    return text
+
+
+@pytest.mark.parametrize("levels", [8, 12])
+def test_alias_bomb_refused_fast_and_small(tmp_path, levels):
+    """380 bytes that expand to 10^9 values: refused before anything is built (< 2 s, < 200 MB)."""
+    write(tmp_path / "bomb.yaml", _alias_bomb(levels))
+    before = snapshot(tmp_path)
+    start = time.monotonic()
+    code, err, rss = _peak_rss_mb(["train", "bomb.yaml", "--out", "out"], tmp_path)
+    seconds = time.monotonic() - start
+    check_error(code, err, "bomb.yaml", "expands to more than")
+    assert seconds < 20 and rss < 200, (seconds, rss)  # measured: 0.3 s, 32 MB
+    assert snapshot(tmp_path) == before
+
+
+def test_alias_bomb_in_set_value(tmp_path):
+    write(tmp_path / "base.yaml", BASE)
+    bomb = "[" + ",".join(["&a [1,2,3,4,5,6,7,8,9,10]"] + ["*a"] * 20000) + "]"
+    expect_refused(tmp_path, ["train", "base.yaml", "--out", "{out}", "--set", f"env.kwargs.x={bomb}"],
+                   "--set", "expands to more than")
+
+
+@pytest.mark.parametrize("text, words", [
+    ("a: &a [1, *a]\n", ["cfg.yaml", "recursive"]),
+    ("env: " + "[" * 5000 + "]" * 5000 + "\n", ["cfg.yaml", "nested more than"]),
+    ("env: " + "[" * 100 + "]" * 100 + "\n", ["cfg.yaml", "nested more than"]),
+    ("seed: " + "9" * 5000 + "\n", ["cfg.yaml", "5000 digits"]),
+    ("seed: 0x" + "f" * 5000 + "\n", ["cfg.yaml", "digits"]),
+])
+def test_hostile_yaml_structures(tmp_path, text, words):
+    write(tmp_path / "cfg.yaml", text)
+    expect_refused(tmp_path, ["train", "cfg.yaml", "--out", "{out}"], *words)
+
+
+def test_small_anchors_still_work(tmp_path):
+    """Ordinary use of anchors and aliases (a handful, small) is fine."""
+    from apga.config import yaml_load
+    cfg = yaml_load("a: &t [0.1, 0.2, 0.3]\nb: *t\nc: {<<: {k: 1}, j: 2}\n")
+    assert cfg == {"a": [0.1, 0.2, 0.3], "b": [0.1, 0.2, 0.3], "c": {"k": 1, "j": 2}}
+
+
+def test_huge_int_in_set(tmp_path):
+    write(tmp_path / "base.yaml", BASE)
+    expect_refused(tmp_path, ["train", "base.yaml", "--out", "{out}", "--set", "seed=" + "9" * 5000],
+                   "--set", "5000 digits")
