@@ -167,3 +167,41 @@ def test_huge_int_in_set(tmp_path):
     write(tmp_path / "base.yaml", BASE)
     expect_refused(tmp_path, ["train", "base.yaml", "--out", "{out}", "--set", "seed=" + "9" * 5000],
                    "--set", "5000 digits")
+
+
+# --- item 8: `apga theory` answers at once, whatever its inputs --------------------------------
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--batch-size", str(10**18)], ["--batch-size", "2^50"]),
+    (["--compute-time", "1e308", "--workers", "3"], ["out of float64's range", "overflow"]),
+    (["--workers", str(10**7)], ["--workers", "at most"]),
+    (["--eps", "1e-300"], ["eps = 1e-300", "underflows"]),
+    (["--gamma", "0.9999999999"], ["batch size", "--batch-size"]),
+    (["--comm-time", "1e308"], ["cannot separate consecutive completions"]),
+    (["--compute-time", "1e-300,1e300", "--workers", "2"], ["2^51 gradients"]),
+    (["--sigma2", "1e308"], ["overflows float64"]),
+    (["--L", "1e300", "--gamma", "0.99"], ["overflows float64"]),
+])
+def test_theory_extreme_inputs_end_fast(tmp_path, argv, words):
+    """Each of these looped forever (k + 1.0 == k), took minutes, or raised ZeroDivisionError."""
+    code, out, err, seconds = apga(["theory", *argv], tmp_path, timeout=60)
+    check_error(code, err, *words)
+    assert out == ""
+    assert seconds < 30, seconds  # measured: about 0.3 s each
+
+
+def test_theory_many_workers_still_answers(tmp_path):
+    code, out, err, seconds = apga(["theory", "--workers", "100000", "--format", "json"], tmp_path, timeout=60)
+    assert code == 0, err
+    assert '"fastest"' in out and seconds < 30  # measured: 1.7 s
+
+
+def test_counts_refuse_unresolvable_times():
+    from apga import theory
+    with pytest.raises(ValueError, match="2\\^51"):
+        theory.counts_at(1e300, [1e-300])
+    with pytest.raises(ValueError, match="cannot separate"):
+        theory.counts_at(1e20 + 5, [1.0], start=1e20)
+    with pytest.raises(ValueError, match="2\\^50"):
+        theory.rennala_round_time([1.0], 2**51)
