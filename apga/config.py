@@ -448,6 +448,12 @@ def validate(cfg: Config) -> None:
     _require(cfg.runtime.name in ("sim", "ray"), "runtime.name", f"must be sim or ray, got {_short(cfg.runtime.name)}")
     _require(cfg.runtime.streams in ("job", "round"), "runtime.streams",
              f"must be job or round, got {_short(cfg.runtime.streams)}")
+    address = cfg.runtime.address
+    _require(address is None or "://" not in address, "runtime.address",
+             f"{_short(address)}: Ray Client addresses (ray://) are not supported; give HOST:PORT of the "
+             "head (from `ray start --head`), auto, or null for a local run")
+    _require(address is None or address == "auto" or re.fullmatch(r"\[?[\w.:%-]+\]?:\d{1,5}", address) is not None,
+             "runtime.address", f"expected HOST:PORT of a running Ray head, auto, or null, got {_short(address)}")
     _require(cfg.runtime.max_restarts >= 0, "runtime.max_restarts", f"must be >= 0, got {cfg.runtime.max_restarts}")
     _require(math.isfinite(cfg.runtime.worker_timeout) and cfg.runtime.worker_timeout > 0, "runtime.worker_timeout",
              f"must be a finite number of seconds > 0, got {cfg.runtime.worker_timeout}")

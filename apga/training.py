@@ -56,11 +56,13 @@ def build_oracle(cfg: Config):
     except ModuleNotFoundError as exc:
         raise ApgaError(f"env.id {cfg.env.id!r}: the Gymnasium oracle cannot be loaded (missing module "
                         f"{exc.name!r}); reinstall apga, or use env.id: synthetic") from None
-    if cfg.runtime.name == "sim" and cfg.runtime.processes != 1:
-        # Rollouts on every core (0 = one process per core); bit-identical to one process.
-        from apga.oracle.parallel import make_oracle
-        return make_oracle(cfg.env, cfg.policy, cfg.workers.n, cfg.seed, cfg.runtime.processes)
-    return RLOracle(cfg.env, cfg.policy, cfg.workers.n, cfg.seed)
+    from apga.guards import env_construction
+    with env_construction(cfg.env.id):  # any failure to build the environments: one line, exit 2
+        if cfg.runtime.name == "sim" and cfg.runtime.processes != 1:
+            # Rollouts on every core (0 = one process per core); bit-identical to one process.
+            from apga.oracle.parallel import make_oracle
+            return make_oracle(cfg.env, cfg.policy, cfg.workers.n, cfg.seed, cfg.runtime.processes)
+        return RLOracle(cfg.env, cfg.policy, cfg.workers.n, cfg.seed)
 
 
 def build_times(cfg: Config, oracle):
@@ -79,6 +81,9 @@ def build_runtime(cfg: Config, oracle):
     if cfg.runtime.name == "sim":
         from apga.runtime.simulator import Simulator
         return Simulator(alg, oracle, times, a.aggregation, a.cancel, cfg.runtime.streams)
+    if cfg.runtime.address:  # Ray starts lazily; a cluster that does not answer is refused now
+        from apga.runtime.ray_session import check_address
+        check_address(cfg.runtime.address)
     try:
         from apga.runtime.ray_runtime import RayRuntime  # noqa: WPS433 (optional dependency)
     except ModuleNotFoundError as exc:
@@ -241,7 +246,11 @@ def _lock(out_dir: str) -> int:
     """Take the run directory's lock (flock on DIR/.lock, released by the kernel when the process
     ends, even by SIGKILL): two processes never write one run. Returns the fd to close."""
     import fcntl
-    fd = os.open(os.path.join(out_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(os.path.join(out_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:  # a read-only file system or directory: refused before anything is written
+        raise ApgaError(f"{out_dir!r}: cannot write in the run directory ({exc.strerror}); "
+                        "choose a writable --out") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

@@ -85,7 +85,7 @@ def expect_refused(tmp_path, argv, *words, timeout=120, env=None):
     """Run apga with ARGV ({dir} and {out} filled in) and check the clean refusal: nothing in
     tmp_path changes and the --out dir is never created."""
     out = tmp_path / "out"
-    argv = [a.format(out=out, dir=tmp_path) for a in argv]
+    argv = [a.replace("{out}", str(out)).replace("{dir}", str(tmp_path)) for a in argv]
     before = snapshot(tmp_path)
     code, stdout, err, seconds = apga(argv, tmp_path, timeout=timeout, env=env)
     line = check_error(code, err, *words)
@@ -205,3 +205,94 @@ def test_counts_refuse_unresolvable_times():
         theory.counts_at(1e20 + 5, [1.0], start=1e20)
     with pytest.raises(ValueError, match="2\\^50"):
         theory.rennala_round_time([1.0], 2**51)
+
+
+# --- item 3: tracebacks where one line is promised ---------------------------------------------
+
+
+@pytest.mark.parametrize("env_id", ["Hopper-v3", "Pusher-v4", "phys2d/CartPole-v1", "nosuchmodule:Foo-v0"])
+def test_env_ids_whose_construction_raises(tmp_path, env_id):
+    pytest.importorskip("gymnasium")
+    write(tmp_path / "base.yaml", BASE)
+    expect_refused(tmp_path, ["train", "base.yaml", "--out", "{out}", "--set", f"env.id={env_id}",
+                              "--set", "env.kwargs={}"], "env.id", env_id, "could not be created")
+
+
+@pytest.mark.parametrize("item, words", [
+    ("workers.compute_time=1e308", ["workers.compute_time", "1e+308"]),
+    ("workers.comm_time=1e308", ["workers.comm_time", "1e+308"]),
+    ("workers.compute_time={shape: sqrt, scale: 1e300}", ["workers.compute_time"]),
+    ("workers.compute_time={dist: exponential, mean: 1e300}", ["workers.compute_time.mean"]),
+    ("workers.compute_time={schedule: [{until: 5, times: 1}, {times: 1e300}]}",
+     ["workers.compute_time.schedule[1].times"]),
+    ("workers.allreduce_time=1e308", ["workers.allreduce_time"]),
+    ("workers.allreduce_time={bandwidth: 1e-300}", ["workers.allreduce_time"]),
+])
+def test_huge_finite_times_refused_up_front(tmp_path, item, words):
+    """These overflowed the clock to inf after the run directory was written."""
+    write(tmp_path / "base.yaml", BASE)
+    expect_refused(tmp_path, ["train", "base.yaml", "--out", "{out}", "--set", item], *words)
+
+
+def test_huge_time_in_a_trace(tmp_path):
+    (tmp_path / "t.csv").write_text("worker,seconds\n0,1\n1,1e308\n2,1\n")
+    write(tmp_path / "base.yaml", BASE)
+    expect_refused(tmp_path, ["train", "base.yaml", "--out", "{out}", "--set",
+                              "workers.compute_time={trace: t.csv}"], "workers.compute_time.trace", "1e+308")
+
+
+@pytest.mark.parametrize("address, words", [
+    ("ray://127.0.0.1:10001", ["runtime.address", "ray://"]),
+    ("127.0.0.1:1", ["runtime.address", "nothing answers"]),
+    ("no-port-here", ["runtime.address", "HOST:PORT"]),
+])
+def test_ray_address_refused_before_the_run_dir(tmp_path, address, words):
+    """Ray starts lazily, at the first step: a bad address used to leave a half-made run dir."""
+    pytest.importorskip("ray")
+    write(tmp_path / "base.yaml", BASE)
+    expect_refused(tmp_path, ["train", "base.yaml", "--out", "{out}", "--set", "runtime.name=ray",
+                              "--set", f"runtime.address={address}"], *words, timeout=60)
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A read-only tmpfs (root ignores chmod, so a mount is the only honest read-only dir)."""
+    path = tmp_path / "ro"
+    path.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(path)],
+                                            capture_output=True).returncode != 0:
+        pytest.skip("needs root and mount to make a read-only file system")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+def test_read_only_out(tmp_path, read_only_dir):
+    write(tmp_path / "base.yaml", BASE)
+    for out in (read_only_dir, read_only_dir / "run"):
+        code, _, err, _ = apga(["train", "base.yaml", "--out", str(out)], tmp_path)
+        check_error(code, err, str(out), "Read-only file system")
+    assert os.listdir(read_only_dir) == []
+
+
+def test_read_only_run_dir_resume(tmp_path):
+    """A finished run on a file system remounted read-only: --resume refuses in one line, and
+    the run's files are untouched."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount")
+    run = tmp_path / "fs"
+    run.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(run)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs")
+    try:
+        write(tmp_path / "base.yaml", BASE)
+        code, _, err, _ = apga(["train", "base.yaml", "--out", str(run / "r"), "--quiet"], tmp_path)
+        assert code == 0, err
+        subprocess.run(["mount", "-o", "remount,ro", str(run)], check=True)
+        before = snapshot(run)
+        code, _, err, _ = apga(["train", "--resume", str(run / "r")], tmp_path)
+        check_error(code, err, "Read-only file system")
+        assert snapshot(run) == before
+    finally:
+        subprocess.run(["umount", str(run)], check=True)

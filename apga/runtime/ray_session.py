@@ -105,6 +105,23 @@ def start_local(num_cpus: int | None = None) -> Session:
     return Session(True, None, temp_dir)
 
 
+def check_address(address: str, timeout: float = 5.0) -> None:
+    """Refuse, before a run writes anything, a ``runtime.address`` that nothing answers at:
+    ``ray.init`` would otherwise retry for minutes after the run directory exists."""
+    from apga.errors import ApgaError
+    if address == "auto":
+        return
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ApgaError(f"runtime.address: expected HOST:PORT of a running Ray head (ray start --head), got {address!r}")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ApgaError(f"runtime.address: nothing answers at {address!r} ({exc.strerror or exc}); "
+                        "start the head with `ray start --head`, or set runtime.address: null for a local run") from None
+
+
 def join(address: str) -> Session:
     """Connect this process, as a driver, to a running cluster (``ray start --head``)."""
     ray = _import_ray()

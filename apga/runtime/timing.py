@@ -157,6 +157,18 @@ def load_trace(path: Any, n: int, key: str) -> list[list[float]]:
     return per_worker
 
 
+# The longest time any one job, transfer or AllReduce may take (about 31,700 years). The clock
+# adds such times up in float64; 1e308 would overflow to inf after the run directory exists.
+MAX_SECONDS = 1e12
+
+
+def _check_range(values, key: str) -> None:
+    for v in values:
+        if v > MAX_SECONDS:
+            raise ConfigError(f"{key}: {v:g} seconds is more than the {MAX_SECONDS:g} s one step may take; "
+                              "use a smaller time unit for every time in the config")
+
+
 class TimeModel:
     """Compute times, per-worker vector transfer times and the AllReduce time of one run."""
 
@@ -165,6 +177,17 @@ class TimeModel:
         self.compute = ComputeTime(compute_time, n, seed)
         self.comm = per_worker_values(comm_time, n, "workers.comm_time", dim=dim, allow_zero=True)
         self.allreduce = self._allreduce(allreduce_time)
+        key = "workers.compute_time"
+        c = self.compute
+        if c.kind == "schedule":
+            for k, (_, times) in enumerate(c.segments):
+                _check_range(times, f"{key}.schedule[{k}].times")
+        elif c.kind == "trace":
+            _check_range([max(t) for t in c.trace], f"{key}.trace")
+        else:  # constant, or the means of a random model
+            _check_range(c.means, key if c.kind == "constant" else f"{key}.mean")
+        _check_range(self.comm, "workers.comm_time")
+        _check_range([self.allreduce], "workers.allreduce_time")
 
     def _allreduce(self, spec: Any) -> float:
         key = "workers.allreduce_time"
