@@ -380,11 +380,14 @@ def _deepcopy(data):
     return data
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few kB; 1 MB leaves room for long per-worker lists
+
+
 def read_yaml(path: str) -> dict:
     """Read a YAML mapping; unreadable or malformed files raise a one-line ConfigError."""
+    from apga.files import read_regular_file
     try:
-        with open(path) as f:
-            text = f.read()
+        text = read_regular_file(os.path.expanduser(path), MAX_CONFIG_BYTES).decode()
     except FileNotFoundError:
         raise ConfigError(f"config file {_short(path)} does not exist") from None
     except IsADirectoryError:

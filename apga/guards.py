@@ -33,3 +33,103 @@ def env_construction(env_id: str):
         if key not in shown:
             shown.add(key)
             warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
+
+
+# --- memory -----------------------------------------------------------------------------------
+# Lower bounds of what a run holds, per unit (bytes). They only catch absurd sizes: a run the
+# check lets through may still need more, but a refused one could never have fitted.
+BASE_BYTES = 100 << 20  # the interpreter with numpy loaded
+PER_WORKER_BYTES = 500  # counters, job keys and heap entries of one worker (measured: ~500)
+PER_JOB_BYTES = 100  # one (worker, job) entry of a round's list of jobs to compute
+VECTORS_PER_WORKER = 1  # each worker holds at least one d-vector (its gradient sum)
+VECTORS_SHARED = 3  # parameters, momentum, the aggregate
+
+
+def parameter_lower_bound(cfg) -> int:
+    """At least how many parameters the policy has (obs and action sizes are >= 1; the env is
+    not built yet). The synthetic problem has exactly env.kwargs.dim."""
+    if cfg.env.id == "synthetic":
+        dim = cfg.env.kwargs.get("dim", 10) if isinstance(cfg.env.kwargs, dict) else 10
+        return int(dim) if isinstance(dim, int) and not isinstance(dim, bool) and dim > 0 else 1
+    sizes = [1, *cfg.policy.hidden]
+    return sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:])) + 2 * (sizes[-1] + 1)
+
+
+def memory_limit() -> tuple[int, str]:
+    """The memory this process may use: the smallest of physical memory, the cgroup's limit and
+    the address-space rlimit, with where it comes from."""
+    import resource
+    limits = []
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    limits.append((int(line.split()[1]) * 1024, "physical memory"))
+    except OSError:
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            text = f.read().strip()
+        if text.isdigit():
+            limits.append((int(text), "the cgroup memory limit"))
+    except OSError:
+        pass
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        limits.append((soft, "the address-space limit (ulimit -v)"))
+    return min(limits) if limits else (1 << 62, "no known limit")
+
+
+def memory_estimate(cfg) -> int:
+    """A lower bound of the bytes a run holds."""
+    d = parameter_lower_bound(cfg)
+    n, a, p = cfg.workers.n, cfg.algorithm, cfg.policy
+    batch = max(a.batch_size, a.init_batch_size or 0)
+    horizon = 0 if cfg.env.id == "synthetic" else cfg.env.horizon
+    return (BASE_BYTES
+            + n * PER_WORKER_BYTES
+            + (n * VECTORS_PER_WORKER + VECTORS_SHARED) * 8 * d
+            + batch * PER_JOB_BYTES
+            + horizon * 8 * (1 + 2 * p.rollout_batch))  # discount powers; one rollout batch of obs, reward
+
+
+# The keys a memory refusal can blame, with how to put each back to its default.
+_SIZE_KEYS = {
+    "workers.n": lambda c, d: setattr(c.workers, "n", d.workers.n),
+    "algorithm.batch_size": lambda c, d: (setattr(c.algorithm, "batch_size", d.algorithm.batch_size),
+                                          setattr(c.algorithm, "init_batch_size", None)),
+    "env.horizon": lambda c, d: setattr(c.env, "horizon", d.env.horizon),
+    "policy.hidden": lambda c, d: setattr(c.policy, "hidden", d.policy.hidden),
+    "policy.rollout_batch": lambda c, d: setattr(c.policy, "rollout_batch", d.policy.rollout_batch),
+    "env.kwargs.dim": lambda c, d: setattr(c.env, "kwargs", {**c.env.kwargs, "dim": 10}),
+}
+
+
+def _gb(x: float) -> str:
+    return f"{x / 2**30:.3g} GB"
+
+
+def check_memory(cfg) -> None:
+    """Refuse, before anything is allocated or written, a run that cannot fit in memory. The
+    error names the key whose default would shrink the estimate most."""
+    import copy
+
+    from apga.config import Config
+    need = memory_estimate(cfg)
+    limit, source = memory_limit()
+    if need <= limit:
+        return
+    default = Config()
+
+    def without(key: str) -> int:
+        c = copy.deepcopy(cfg)
+        _SIZE_KEYS[key](c, default)
+        return memory_estimate(c)
+
+    keys = [k for k in _SIZE_KEYS if (k == "env.kwargs.dim") == (cfg.env.id == "synthetic")
+            and isinstance(cfg.env.kwargs, dict)]
+    key = min(keys or ["workers.n"], key=without)
+    raise ConfigError(f"{key}: the run needs at least {_gb(need)} of memory (workers.n={cfg.workers.n}, "
+                      f"algorithm.batch_size={cfg.algorithm.batch_size}, env.horizon={cfg.env.horizon}, "
+                      f"at least {parameter_lower_bound(cfg)} parameters), more than the {_gb(limit)} of "
+                      f"{source}; lower {key}")

@@ -308,8 +308,10 @@ class Trainer:
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self, force: bool = False) -> RunResult:
         cfg = self.cfg
-        # Everything that can fail on bad input (oracle, environments, time model, runtime) is
-        # built before the run directory is touched.
+        # Everything that can fail on bad input (memory, oracle, environments, time model,
+        # runtime) is checked or built before the run directory is touched.
+        from apga.guards import check_memory
+        check_memory(cfg)
         oracle = build_oracle(cfg)
         lock = None
         try:

@@ -296,3 +296,65 @@ def test_read_only_run_dir_resume(tmp_path):
         assert snapshot(run) == before
     finally:
         subprocess.run(["umount", str(run)], check=True)
+
+
+# --- item 2: absurd sizes and files that never end ---------------------------------------------
+
+
+@pytest.mark.parametrize("item, key", [
+    ("workers.n=1000000000", "workers.n"),
+    ("algorithm.batch_size=1000000000", "algorithm.batch_size"),
+    ("env.horizon=1000000000", "env.horizon"),
+    ("policy.hidden=[100000, 100000]", "policy.hidden"),
+    ("policy.rollout_batch=1000000000", "policy.rollout_batch"),
+])
+def test_absurd_sizes_refused_up_front(tmp_path, item, key):
+    """Refused from a memory estimate before anything is allocated: fast and small."""
+    pytest.importorskip("gymnasium")
+    cfg = dict(BASE, env={"id": "CartPole-v1"})
+    write(tmp_path / "base.yaml", cfg)
+    before = snapshot(tmp_path)
+    start = time.monotonic()
+    code, err, rss = _peak_rss_mb(["train", "base.yaml", "--out", "out", "--set", item], tmp_path)
+    line = check_error(code, err, f"{key}: the run needs at least", "GB of memory", f"lower {key}")
+    assert time.monotonic() - start < 30 and rss < 300, (rss, line)  # measured: 0.6 s, 32 MB
+    assert snapshot(tmp_path) == before
+
+
+def test_synthetic_dimension_refused(tmp_path):
+    write(tmp_path / "base.yaml", BASE)
+    expect_refused(tmp_path, ["train", "base.yaml", "--out", "{out}", "--set", "env.kwargs.dim=10000000000"],
+                   "env.kwargs.dim: the run needs at least")
+
+
+def test_memory_estimate_uses_the_address_space_limit(tmp_path):
+    """What fits is judged against the smallest limit: here the child's 3 GB rlimit."""
+    write(tmp_path / "base.yaml", BASE)
+    expect_refused(tmp_path, ["train", "base.yaml", "--out", "{out}", "--set", "env.kwargs.dim=200000000"],
+                   "env.kwargs.dim", "address-space limit")
+
+
+@pytest.fixture
+def fifo(tmp_path):
+    path = tmp_path / "fifo"
+    os.mkfifo(path)
+    return path
+
+
+@pytest.mark.parametrize("source", ["/dev/zero", "/dev/urandom", "fifo", "big"])
+def test_config_must_be_a_small_regular_file(tmp_path, fifo, source):
+    if source == "big":
+        (tmp_path / "big").write_text("# padding\n" * 200_000)
+    path = source if source.startswith("/") else str(tmp_path / source)
+    line, seconds = expect_refused(tmp_path, ["train", path, "--out", "{out}"], "config file", path)
+    assert ("not a regular file" in line) == (source != "big") and seconds < 30
+
+
+@pytest.mark.parametrize("source", ["/dev/zero", "/dev/urandom", "fifo"])
+def test_trace_must_be_a_regular_file(tmp_path, fifo, source):
+    write(tmp_path / "base.yaml", BASE)
+    path = source if source.startswith("/") else str(tmp_path / source)
+    _, seconds = expect_refused(tmp_path, ["train", "base.yaml", "--out", "{out}", "--set",
+                                           f"workers.compute_time={{trace: {path}}}"],
+                                "workers.compute_time.trace", "not a regular file")
+    assert seconds < 30

@@ -20,6 +20,7 @@ simulation can be replayed or resumed from counters alone.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 from typing import Any, Sequence
@@ -27,6 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from apga import rng
+from apga.config import short_repr
 from apga.errors import ConfigError
 from apga.shapes import resolve_times
 
@@ -130,14 +132,18 @@ class ComputeTime:
         return float(g.lognormal(math.log(mean) - s2 / 2, math.sqrt(s2)))
 
 
+MAX_TRACE_BYTES = 64 << 20  # about 3 million rows
+
+
 def load_trace(path: Any, n: int, key: str) -> list[list[float]]:
     if not isinstance(path, str):
         raise ConfigError(f"{key}: expected a file path, got {path!r}")
+    from apga.files import read_regular_file
     try:
-        with open(os.path.expanduser(path), newline="") as f:
-            rows = list(csv.DictReader(f))
+        text = read_regular_file(os.path.expanduser(path), MAX_TRACE_BYTES).decode()
+        rows = list(csv.DictReader(io.StringIO(text, newline="")))
     except OSError as exc:
-        raise ConfigError(f"{key}: cannot read trace file {path!r} ({exc.strerror})") from None
+        raise ConfigError(f"{key}: cannot read trace file {short_repr(path)} ({exc.strerror})") from None
     except (csv.Error, UnicodeDecodeError) as exc:
         raise ConfigError(f"{key}: {path!r} is not a CSV trace ({exc})") from None
     per_worker: list[list[float]] = [[] for _ in range(n)]
