@@ -7,7 +7,7 @@ import importlib
 import os
 import sys
 
-from apga.errors import ApgaError
+from apga.errors import ApgaError, Terminated
 
 COMMANDS = ["train", "compare", "theory", "bench"]
 
@@ -51,17 +51,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from apga.guards import matplotlib_config_dir
+    matplotlib_config_dir()  # nothing under $HOME: matplotlib would put its font cache there
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args) or 0)
     except ApgaError as exc:
         sys.stderr.write(f"apga: error: {one_line(str(exc))}\n")
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         hint = {"train": "; continue with `apga train --resume DIR`",
                 "compare": "; run the same command again to resume"}.get(args.command, "")
-        sys.stderr.write(f"apga: interrupted{hint}\n")
-        return 130
+        terminated = isinstance(exc, Terminated)
+        sys.stderr.write(f"apga: {'terminated' if terminated else 'interrupted'}{hint}\n")
+        return 143 if terminated else 130
     except BrokenPipeError:
         # Whoever read our stdout has gone (`apga compare ... | head`): what was written is
         # complete on disk; stop quietly, without a second error when Python flushes at exit.

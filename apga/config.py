@@ -17,12 +17,17 @@ import yaml
 
 from apga.errors import ConfigError
 
+MAX_SEED = 2**64 - 1  # seeds key 64-bit Philox streams (apga/rng.py): larger ones would wrap
+MAX_ENV_ID = 256
 ALGORITHMS = ("rennala_nigt", "malenia_nigt", "sync_nigt", "afedpg")
 
 
 @dataclass
 class EnvConfig:
-    """What the workers sample. ``id`` is a Gymnasium id, or ``synthetic`` (known smooth functions)."""
+    """What the workers sample. ``id`` is a Gymnasium id, or ``synthetic`` (known smooth functions).
+
+    ``id: module:Env-v0`` makes Gymnasium import ``module`` first: a config is trusted input, like
+    a script (docs/guarantees.md)."""
 
     id: str = "CartPole-v1"
     horizon: int = 500  # H: trajectories are cut after H steps
@@ -423,7 +428,8 @@ def _require(ok: bool, key: str, message: str) -> None:
 def validate(cfg: Config) -> None:
     """Semantic checks beyond types. Each failure names the key and the fix."""
     a, w, e, b = cfg.algorithm, cfg.workers, cfg.env, cfg.budget
-    _require(cfg.seed >= 0, "seed", f"must be >= 0, got {cfg.seed}")
+    _require(0 <= cfg.seed <= MAX_SEED, "seed", f"must be an integer in [0, 2^64 - 1] (the random streams' "
+             f"key), got {cfg.seed}")
     _require(a.name in ALGORITHMS, "algorithm.name",
              f"unknown algorithm {_short(a.name)}{did_you_mean(a.name, ALGORITHMS)}; choose one of {', '.join(ALGORITHMS)}")
     _require(math.isfinite(a.step_size) and a.step_size > 0, "algorithm.step_size", f"alpha must be > 0, got {a.step_size}")
@@ -439,6 +445,8 @@ def validate(cfg: Config) -> None:
              f"must be constant or delay, got {_short(a.step_schedule)}")
     _require(w.n >= 1, "workers.n", f"the number of workers must be >= 1, got {w.n}")
     _require(bool(e.id), "env.id", "give a Gymnasium id (e.g. CartPole-v1) or synthetic")
+    _require(len(e.id) <= MAX_ENV_ID, "env.id", f"{_short(e.id)} is too long for an environment id "
+             f"(more than {MAX_ENV_ID} characters); give a Gymnasium id such as Hopper-v5")
     _require(e.horizon >= 1, "env.horizon", f"H must be >= 1, got {e.horizon}")
     _require(0 < e.gamma <= 1, "env.gamma", f"gamma must be in (0, 1], got {e.gamma}")
     _require(len(e.per_worker) <= w.n, "env.per_worker", f"has {len(e.per_worker)} entries for {w.n} workers")

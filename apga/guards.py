@@ -2,6 +2,8 @@
 (docs/guarantees.md): environments that cannot be built, runs that cannot fit in memory."""
 from __future__ import annotations
 
+import os
+import tempfile
 import warnings
 from contextlib import contextmanager
 
@@ -133,3 +135,32 @@ def check_memory(cfg) -> None:
                       f"algorithm.batch_size={cfg.algorithm.batch_size}, env.horizon={cfg.env.horizon}, "
                       f"at least {parameter_lower_bound(cfg)} parameters), more than the {_gb(limit)} of "
                       f"{source}; lower {key}")
+
+
+# --- matplotlib's cache -------------------------------------------------------------------------
+
+def matplotlib_config_dir() -> str | None:
+    """Point matplotlib's config and cache dir (MPLCONFIGDIR) away from $HOME, unless the user
+    chose one or matplotlib is already loaded: a per-user folder in the temp dir, created 0700.
+    A folder of that name that is not ours, or open to others, is not used (another user could
+    plant a matplotlibrc there, whose backend setting imports a module): then a fresh private
+    temp folder is made instead. Returns the folder chosen, or None."""
+    import stat
+    import sys
+    if "MPLCONFIGDIR" in os.environ or "matplotlib" in sys.modules:
+        return None
+    path = os.path.join(tempfile.gettempdir(), f"apga-matplotlib-{os.getuid()}")
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError:
+        path = None
+    if path is not None:
+        st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+            path = None
+    if path is None:
+        path = tempfile.mkdtemp(prefix="apga-matplotlib-")
+    os.environ["MPLCONFIGDIR"] = path
+    return path

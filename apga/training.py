@@ -501,6 +501,8 @@ class Trainer:
         return summary
 
     def _plot(self) -> None:
+        from apga.guards import matplotlib_config_dir
+        matplotlib_config_dir()  # its cache goes to a private temp folder, not under $HOME
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt

@@ -358,3 +358,114 @@ def test_trace_must_be_a_regular_file(tmp_path, fifo, source):
                                            f"workers.compute_time={{trace: {path}}}"],
                                 "workers.compute_time.trace", "not a regular file")
     assert seconds < 30
+
+
+# --- item 9: smaller lies and leaks ------------------------------------------------------------
+
+
+def test_keys_beside_trace_refused(tmp_path):
+    (tmp_path / "t.csv").write_text("worker,seconds\n0,1\n1,2\n2,3\n")
+    write(tmp_path / "base.yaml", BASE)
+    expect_refused(tmp_path, ["train", "base.yaml", "--out", "{out}", "--set",
+                              "workers.compute_time={trace: t.csv, scale: 2}"], "workers.compute_time", "'scale'")
+
+
+@pytest.mark.parametrize("seed", [2**64, -1, 2**70])
+def test_seed_out_of_range(tmp_path, seed):
+    """seed 2**64 used to wrap silently to seed 0."""
+    write(tmp_path / "base.yaml", BASE)
+    expect_refused(tmp_path, ["train", "base.yaml", "--out", "{out}", "--set", f"seed={seed}"], "seed", "2^64 - 1")
+
+
+def test_largest_seed_is_its_own_stream():
+    from apga import rng
+    top = rng.stream(2**64 - 1, rng.INIT).normal(size=3)
+    assert not (top == rng.stream(0, rng.INIT).normal(size=3)).all()
+
+
+def test_nothing_written_under_home(tmp_path):
+    """matplotlib's font cache goes to a private temp folder, not $HOME/.cache or ~/.config."""
+    home = tmp_path / "home"
+    home.mkdir()
+    write(tmp_path / "base.yaml", BASE)
+    env_clean = {k: v for k, v in os.environ.items() if k not in ("MPLCONFIGDIR", "XDG_CACHE_HOME", "XDG_CONFIG_HOME")}
+    p = subprocess.run([sys.executable, "-m", "apga", "train", "base.yaml", "--out", "out", "--quiet"], cwd=tmp_path,
+                       env=dict(env_clean, PYTHONPATH=ROOT, HOME=str(home)), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "out" / "returns.png").exists()
+    assert list(home.iterdir()) == [], list(home.rglob("*"))
+
+
+def test_matplotlib_dir_refuses_a_planted_folder(tmp_path, monkeypatch):
+    """A folder of the shared name that is open to others (someone could plant a matplotlibrc)
+    is not used: a fresh private one is made instead."""
+    from apga import guards
+    monkeypatch.delenv("MPLCONFIGDIR", raising=False)
+    monkeypatch.setattr(guards.tempfile, "tempdir", str(tmp_path))
+    monkeypatch.delitem(sys.modules, "matplotlib", raising=False)
+    planted = tmp_path / f"apga-matplotlib-{os.getuid()}"
+    planted.mkdir()
+    planted.chmod(0o777)
+    chosen = guards.matplotlib_config_dir()
+    assert chosen != str(planted) and os.stat(chosen).st_mode & 0o777 == 0o700
+    assert os.environ["MPLCONFIGDIR"] == chosen
+
+
+def test_long_env_id_gives_a_short_line(tmp_path):
+    cfg = dict(BASE, env={"id": "A" * 900_000})
+    write(tmp_path / "base.yaml", cfg)
+    line, _ = expect_refused(tmp_path, ["train", "base.yaml", "--out", "{out}"], "env.id", "900000 characters")
+    assert len(line) < 400
+
+
+def test_any_error_line_is_bounded(tmp_path):
+    """Whatever a message quotes, the CLI prints at most about 1000 characters."""
+    from apga.cli import one_line
+    text = one_line("x: " + "y" * 10**6 + "\nsecond line")
+    assert len(text) < 1100 and "\n" not in text and text.endswith("second line")
+
+
+RAY_RUN = {
+    "seed": 3,
+    "env": {"id": "synthetic", "kwargs": {"dim": 4}},
+    "algorithm": {"name": "rennala_nigt", "batch_size": 4},
+    "workers": {"n": 2, "compute_time": 0.05, "comm_time": 0.0},
+    "runtime": {"name": "ray", "inject_delays": True},
+    "budget": {"iterations": 100000},
+    "eval": {"every": 0},
+    "checkpoint": {"every": 5},
+}
+
+
+def _start_ray_run(tmp_path, out="out"):
+    """Start a long Ray run; return the process once its first checkpoint after row 0 exists."""
+    write(tmp_path / "ray.yaml", RAY_RUN)
+    p = subprocess.Popen([sys.executable, "-m", "apga", "train", "ray.yaml", "--out", out, "--quiet"], cwd=tmp_path,
+                         env=dict(os.environ, PYTHONPATH=ROOT), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    metrics = tmp_path / out / "metrics.csv"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and p.poll() is None:
+        if metrics.exists() and metrics.read_text().count("\n") > 7:  # past update 5's checkpoint
+            return p
+        time.sleep(0.2)
+    p.kill()
+    raise AssertionError(f"the Ray run did not make progress: {p.communicate()[1][-2000:]}")
+
+
+@pytest.mark.ray
+def test_sigterm_on_a_ray_driver_exits_cleanly(tmp_path):
+    """SIGTERM used to print Ray's C++ stack dump ("*** SIGTERM received ...") and exit 1."""
+    pytest.importorskip("ray")
+    import pickle
+    p = _start_ray_run(tmp_path)
+    p.terminate()
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 143, err
+    assert "SIGTERM received" not in err and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == "apga: terminated; continue with `apga train --resume DIR`"
+    summary = (tmp_path / "out" / "summary.json").read_text()
+    assert '"status": "running"' in summary  # resumable
+    with open(tmp_path / "out" / "checkpoint.pkl", "rb") as f:
+        assert pickle.load(f)["runtime"].totals.iteration >= 5

@@ -82,6 +82,21 @@ class Session:
                 self.temp_dir = None
 
 
+def _terminate(signum, frame):
+    from apga.errors import Terminated
+    raise Terminated()
+
+
+def _handle_sigterm() -> None:
+    """After ray.init: Ray's C++ failure handler has taken SIGTERM and would print a stack dump
+    and exit 1. Take it back: SIGTERM then stops the run like Ctrl-C (checkpointed, Ray shut
+    down, exit 143). Only the main thread may set handlers; elsewhere Ray's stays."""
+    import signal
+    import threading
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
+
+
 def start_local(num_cpus: int | None = None) -> Session:
     """Start a fresh loopback-only single-node Ray instance (see the module docstring)."""
     ray = _import_ray()
@@ -102,6 +117,7 @@ def start_local(num_cpus: int | None = None) -> Session:
     except BaseException:
         shutil.rmtree(temp_dir, ignore_errors=True)
         raise
+    _handle_sigterm()
     return Session(True, None, temp_dir)
 
 
@@ -131,6 +147,7 @@ def join(address: str) -> Session:
     host = host.strip("[]")
     if address == "auto":  # the cluster `ray start` recorded on this machine
         ray.init(**kwargs)
+        _handle_sigterm()
         return Session(False, address, None)
     if not host or not port.isdigit():
         raise ApgaError(f"runtime.address: expected HOST:PORT of a running Ray head (ray start --head), got {address!r}")
@@ -157,6 +174,7 @@ def join(address: str) -> Session:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ApgaError(f"runtime.address: cannot join the Ray cluster at {address!r} ({first}); "
                         "start it with `ray start --head`, or set runtime.address: null for a local run") from None
+    _handle_sigterm()
     return Session(False, address, None)
 
 

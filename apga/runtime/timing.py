@@ -91,6 +91,10 @@ class ComputeTime:
                 self.segments.append((float(until), per_worker_values(seg["times"], n, f"{key}.schedule[{k}].times")))
             self.kind = "schedule"
         elif isinstance(spec, dict) and "trace" in spec:
+            extra = set(spec) - {"trace"}
+            if extra:  # e.g. scale: it would be silently ignored
+                raise ConfigError(f"{key}: unknown key(s) {sorted(map(str, extra))} beside trace; a trace takes "
+                                  "only its path (scale the seconds in the file itself)")
             self.kind, self.trace = "trace", load_trace(spec["trace"], n, f"{key}.trace")
         else:
             self.means = per_worker_values(spec, n, key)
