@@ -428,7 +428,7 @@ def _require(ok: bool, key: str, message: str) -> None:
 def validate(cfg: Config) -> None:
     """Semantic checks beyond types. Each failure names the key and the fix."""
     a, w, e, b = cfg.algorithm, cfg.workers, cfg.env, cfg.budget
-    _require(0 <= cfg.seed <= MAX_SEED, "seed", f"must be an integer in [0, 2^64 - 1] (the random streams' "
+    _require(0 <= cfg.seed <= MAX_SEED, "seed", f"must be >= 0 and <= 2^64 - 1 (the random streams' "
              f"key), got {cfg.seed}")
     _require(a.name in ALGORITHMS, "algorithm.name",
              f"unknown algorithm {_short(a.name)}{did_you_mean(a.name, ALGORITHMS)}; choose one of {', '.join(ALGORITHMS)}")
