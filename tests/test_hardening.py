@@ -94,24 +94,27 @@ def expect_refused(tmp_path, argv, *words, timeout=120, env=None):
     return line, seconds
 
 
+# Run by a fresh small interpreter: it forks apga and reports apga's peak RSS from wait4. (A
+# child forked straight from pytest would inherit pytest's RSS as its high-water mark.)
+_LAUNCHER = """
+import json, os, resource, sys
+cap = int(sys.argv[1])
+pid = os.fork()
+if pid == 0:
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    os.execv(sys.executable, [sys.executable, "-m", "apga", *sys.argv[2:]])
+_, status, usage = os.wait4(pid, 0)
+print(json.dumps([os.waitstatus_to_exitcode(status), usage.ru_maxrss / 1024]))
+"""
+
+
 def _peak_rss_mb(argv, cwd) -> tuple[int, str, float]:
-    """Exit code, stderr and peak RSS (MB) of one apga run, measured by wait4 on that child."""
-    env = dict(os.environ, PYTHONPATH=ROOT)
-
-    def limits():
-        resource.setrlimit(resource.RLIMIT_AS, (MEMORY_CAP, MEMORY_CAP))
-
-    p = subprocess.Popen([sys.executable, "-m", "apga", *argv], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, preexec_fn=limits)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:  # wait4, not poll(): poll would reap the child and lose its rusage
-        pid, status, usage = os.wait4(p.pid, os.WNOHANG)
-        if pid:
-            p.returncode = os.waitstatus_to_exitcode(status)
-            return p.returncode, p.stderr.read().decode(), usage.ru_maxrss / 1024
-        time.sleep(0.05)
-    p.kill()
-    raise AssertionError("apga did not end within 120 s")
+    """Exit code, stderr and peak RSS (MB) of one apga run under the address-space cap."""
+    import json
+    p = subprocess.run([sys.executable, "-c", _LAUNCHER, str(MEMORY_CAP), *argv], cwd=cwd, capture_output=True,
+                       text=True, env=dict(os.environ, PYTHONPATH=ROOT), timeout=120)
+    code, rss = json.loads(p.stdout.strip().splitlines()[-1])
+    return code, p.stderr, rss
 
 
 # --- item 1: YAML alias bombs ------------------------------------------------------------------
