@@ -441,12 +441,12 @@ RAY_RUN = {
 }
 
 
-def _start_ray_run(tmp_path, out="out"):
+def _start_ray_run(tmp_path, out="out", env=None):
     """Start a long Ray run; return the process once its first checkpoint after row 0 exists."""
     write(tmp_path / "ray.yaml", RAY_RUN)
     p = subprocess.Popen([sys.executable, "-m", "apga", "train", "ray.yaml", "--out", out, "--quiet"], cwd=tmp_path,
-                         env=dict(os.environ, PYTHONPATH=ROOT), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
+                         env=dict(os.environ, PYTHONPATH=ROOT, **(env or {})), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / out / "metrics.csv"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and p.poll() is None:
@@ -472,3 +472,73 @@ def test_sigterm_on_a_ray_driver_exits_cleanly(tmp_path):
     assert '"status": "running"' in summary  # resumable
     with open(tmp_path / "out" / "checkpoint.pkl", "rb") as f:
         assert pickle.load(f)["runtime"].totals.iteration >= 5
+
+
+@pytest.fixture
+def short_tmpdir():
+    """A private TMPDIR with a short path (Ray's socket paths must stay under 107 bytes)."""
+    import shutil
+    import tempfile
+    path = tempfile.mkdtemp(prefix="apga-t-", dir="/tmp")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _users_of(path):
+    from apga.runtime.ray_session import _psutil, _uses
+    psutil = _psutil()
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if _uses(p.pid, p.info["cmdline"], path):
+                found.append(p.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+@pytest.mark.ray
+def test_ray_session_private_and_a_dead_one_cleaned(tmp_path, short_tmpdir):
+    """Items 5 and 6: Ray makes its temp dir and session folder 0777 without the sticky bit, so
+    apga puts them inside a 0700 folder of its own; and what a SIGKILLed driver leaves (the
+    folder, the agents reparented to init) is removed by the next local start."""
+    pytest.importorskip("ray")
+    import stat
+    from apga.runtime import ray_session
+    p = _start_ray_run(tmp_path, env={"TMPDIR": short_tmpdir})
+    try:
+        (private,) = [os.path.join(short_tmpdir, n) for n in os.listdir(short_tmpdir) if n.startswith("apga-ray-")]
+        st = os.stat(private)
+        assert stat.S_IMODE(st.st_mode) == 0o700 and st.st_uid == os.getuid()
+        assert os.listdir(short_tmpdir) and all(  # everything else of the session is inside it
+            stat.S_IMODE(os.stat(os.path.join(short_tmpdir, n)).st_mode) & 0o077 == 0
+            for n in os.listdir(short_tmpdir))
+        session = os.path.join(private, "ray")
+        assert os.path.isdir(session) and _users_of(private)
+    finally:
+        p.kill()
+        p.communicate(timeout=60)
+    assert os.path.isdir(private)  # SIGKILL ran no cleanup
+    assert ray_session.clean_dead_sessions(short_tmpdir) == [private]
+    assert not os.path.exists(private)
+    assert _users_of(private) == []
+
+
+def test_clean_dead_sessions_spares_live_and_unknown_folders(tmp_path):
+    pytest.importorskip("ray")
+    from apga.runtime import ray_session
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(done.stdout)
+    folders = {name: tmp_path / f"apga-ray-{name}" for name in ("live", "dead", "unknown")}
+    for path in folders.values():
+        path.mkdir(mode=0o700)
+    (folders["live"] / "apga-owner").write_text(f"{os.getpid()} {ray_session._start_ticks(os.getpid())}\n")
+    (folders["dead"] / "apga-owner").write_text(f"{dead_pid} 12345\n")
+    (tmp_path / "apga-ray-file").write_text("not a folder")
+    assert ray_session.clean_dead_sessions(str(tmp_path)) == [str(folders["dead"])]
+    assert folders["live"].is_dir() and folders["unknown"].is_dir() and (tmp_path / "apga-ray-file").exists()
+    # the same pid with another start time is another process: its folder is stale
+    (folders["live"] / "apga-owner").write_text(f"{os.getpid()} 1\n")
+    assert ray_session.clean_dead_sessions(str(tmp_path)) == [str(folders["live"])]

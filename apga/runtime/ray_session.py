@@ -5,7 +5,11 @@ A *local* session (``runtime.address: null``) is a fresh single-node Ray instanc
 - binds every socket of every Ray process to 127.0.0.1 (the node IP is the loopback address:
   Ray would otherwise replace ``127.0.0.1`` by the machine's routable IP and listen on it);
 - starts no dashboard, reports no usage statistics, logs warnings only;
-- keeps all its files (sockets, logs, spill) in a fresh ``tempfile.mkdtemp`` removed at close;
+- keeps all its files (sockets, logs, spill) in a fresh ``tempfile.mkdtemp`` (mode 0700; Ray's
+  own folders inside it are 0777, but unreachable to other users) removed at close; a folder
+  left by a killed driver is removed, with the Ray processes still using it, at the next local
+  start (``clean_dead_sessions``);
+- takes SIGTERM back from Ray's C++ handler, so that it stops a run like Ctrl-C;
 - writes nothing to ``$HOME``: Ray's token authentication stays on, but with a per-process random
   token passed through the environment (``RAY_AUTH_TOKEN``) instead of ``~/.ray/auth_token``.
 
@@ -97,12 +101,111 @@ def _handle_sigterm() -> None:
         signal.signal(signal.SIGTERM, _terminate)
 
 
+# ----------------------------------------------------------------------------- dead sessions
+TEMP_PREFIX = "apga-ray-"
+OWNER_FILE = "apga-owner"  # "PID START_TICKS" of the driver that made the session
+
+
+def _start_ticks(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, /proc/PID/stat field 22): a pid
+    and its start time name one process, even after the pid is reused."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _write_owner(temp_dir: str) -> None:
+    pid = os.getpid()
+    with open(os.path.join(temp_dir, OWNER_FILE), "w") as f:
+        f.write(f"{pid} {_start_ticks(pid)}\n")
+
+
+def _dead_owner(temp_dir: str) -> bool:
+    try:
+        with open(os.path.join(temp_dir, OWNER_FILE)) as f:
+            pid, ticks = f.read().split()
+    except (OSError, ValueError):
+        return False  # no owner recorded (yet): not ours to judge
+    return _start_ticks(int(pid)) != ticks
+
+
+def clean_dead_sessions(root: str | None = None) -> list[str]:
+    """Remove what a killed apga driver left (SIGKILL runs no cleanup): for each of this user's
+    private ``apga-ray-*`` folders whose recorded driver is gone, kill the Ray processes still
+    using the folder (GCS, raylet, agents, workers), then delete it. Live sessions, other users'
+    folders and folders without an owner record are left alone. Returns the folders removed."""
+    import stat
+    root = root or tempfile.gettempdir()
+    try:
+        names = [n for n in os.listdir(root) if n.startswith(TEMP_PREFIX)]
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        path = os.path.join(root, name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or not _dead_owner(path):
+            continue
+        _kill_users_of(path)
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _uses(pid: int, cmdline: list, path: str) -> bool:
+    """Whether a process names ``path`` on its command line (GCS, raylet, workers) or holds a
+    file under it open (the agents, whose command line Ray rewrites to ``ray::DashboardAgent``)."""
+    if any(path in arg for arg in cmdline or []):
+        return True
+    prefix = path.rstrip("/") + "/"
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(prefix):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _kill_users_of(path: str) -> None:
+    """Kill this user's processes that use the session folder ``path``."""
+    psutil = _psutil()
+    victims = []
+    for p in psutil.process_iter(["pid", "uids", "cmdline"]):
+        try:
+            if p.info["uids"] and p.info["uids"].real == os.getuid() and p.pid != os.getpid() \
+                    and _uses(p.pid, p.info["cmdline"], path):
+                victims.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    for p in victims:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(victims, timeout=SHUTDOWN_GRACE)
+
+
 def start_local(num_cpus: int | None = None) -> Session:
     """Start a fresh loopback-only single-node Ray instance (see the module docstring)."""
     ray = _import_ray()
     os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
-    temp_dir = tempfile.mkdtemp(prefix="apga-ray-")
+    # Ray makes its temp dir and session folder mode 0777 (no sticky bit). It gets a folder
+    # inside a private 0700 one, so no other user can reach, plant or replace anything there.
+    clean_dead_sessions()
+    temp_dir = tempfile.mkdtemp(prefix=TEMP_PREFIX)
     try:
+        os.chmod(temp_dir, 0o700)
+        _write_owner(temp_dir)
         with _loopback_node_ip():
             ray.init(
                 num_cpus=num_cpus or os.cpu_count() or 1,
@@ -112,7 +215,7 @@ def start_local(num_cpus: int | None = None) -> Session:
                 logging_level="warning",
                 log_to_driver=False,
                 _node_ip_address=LOOPBACK,
-                _temp_dir=temp_dir,
+                _temp_dir=os.path.join(temp_dir, "ray"),
             )
     except BaseException:
         shutil.rmtree(temp_dir, ignore_errors=True)
