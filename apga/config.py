@@ -416,8 +416,23 @@ def read_yaml(path: str) -> dict:
 def load_config(source: str | dict | None = None, overrides: list[str] | None = None) -> Config:
     """Load a config from a YAML path or a mapping (None = all defaults), apply ``--set``-style
     overrides and validate. Raises ConfigError with a one-line message on bad input."""
-    data = read_yaml(source) if isinstance(source, (str, os.PathLike)) else _deepcopy(source or {})
+    if isinstance(source, (str, os.PathLike)):
+        data = resolve_paths(read_yaml(source), os.path.dirname(os.path.abspath(os.path.expanduser(source))))
+    else:
+        data = _deepcopy(source or {})
     return from_dict(apply_overrides(data, overrides or []))
+
+
+def resolve_paths(data: dict, base_dir: str) -> dict:
+    """Make a relative ``workers.compute_time.trace`` path in a config file relative to the file's
+    folder (not to wherever apga runs), so the resolved config.yaml names the file for good. A
+    path given with --set stays relative to the current directory, like any shell argument."""
+    times = data.get("workers", {}).get("compute_time") if isinstance(data.get("workers"), dict) else None
+    if isinstance(times, dict) and isinstance(times.get("trace"), str):
+        path = os.path.expanduser(times["trace"])
+        if path and not os.path.isabs(path):
+            times["trace"] = os.path.join(base_dir, path)
+    return data
 
 
 def _require(ok: bool, key: str, message: str) -> None:

@@ -164,3 +164,37 @@ def matplotlib_config_dir() -> str | None:
         path = tempfile.mkdtemp(prefix="apga-matplotlib-")
     os.environ["MPLCONFIGDIR"] = path
     return path
+
+
+# --- resume -----------------------------------------------------------------------------------
+
+def check_same_trace(state: dict, times) -> None:
+    """--resume of a run with ``workers.compute_time: {trace: FILE}``: the config stores only the
+    path, so the file's sha256 recorded at the start must match, or the resumed run would
+    silently differ from an uninterrupted one."""
+    recorded = state.get("trace_sha256")
+    now = times.compute.trace_sha256
+    if recorded is not None and recorded != now:
+        path = state["resolved"]["workers"]["compute_time"].get("trace")
+        raise ApgaError(f"workers.compute_time.trace: {short_repr(path)} changed since the run started "
+                        f"(sha256 {recorded[:12]}... then, {str(now)[:12]}... now); restore the file, or start a "
+                        "new run")
+
+
+def check_restartable(out_dir: str) -> None:
+    """--resume without checkpoint.pkl restarts the run from its config.yaml, which is right only
+    when the run was killed before its first checkpoint (written right after row 0). If the run
+    got further (summary.json exists, or metrics.csv has more than row 0), the checkpoint was
+    removed: refuse rather than delete the results and run again (a Ray run cannot be redone)."""
+    summary = os.path.join(out_dir, "summary.json")
+    metrics = os.path.join(out_dir, "metrics.csv")
+    rows = 0
+    try:
+        with open(metrics, "rb") as f:
+            rows = f.read(1 << 16).count(b"\n") - 1  # the header does not count
+    except OSError:
+        pass
+    if os.path.exists(summary) or rows > 1:
+        raise ApgaError(f"--resume {out_dir!r}: checkpoint.pkl is missing, but the run got past its first "
+                        "checkpoint; nothing was changed. Restore checkpoint.pkl to resume, or start a new run "
+                        "(--force to overwrite)")

@@ -322,7 +322,8 @@ class Trainer:
             log = AppendLog(self.metrics_path, truncate_to=0)
             log.write_line(",".join(COLUMNS))
             self.state = {"runtime": runtime, "resolved": resolved, "last_eval": None, "wall_offset": 0.0,
-                          "final_eval": None, "best_eval": None, "stalled": 0, "time_step": -1}
+                          "final_eval": None, "best_eval": None, "stalled": 0, "time_step": -1,
+                          "trace_sha256": runtime.times.compute.trace_sha256}  # resume refuses a changed trace
             return self._loop(runtime, log, resumed=False)
         finally:
             oracle.close()
@@ -340,6 +341,8 @@ class Trainer:
         cfg = cfgmod.from_dict(cfgmod.read_yaml(cfg_path))
         trainer = Trainer(cfg, out_dir, progress)
         if not os.path.exists(trainer.ckpt_path):
+            from apga.guards import check_restartable
+            check_restartable(out_dir)  # a run past its first checkpoint must not be silently re-run
             # Killed before the first checkpoint (written right after row 0): start again.
             return trainer.start(force=True)
         state = trainer._read_checkpoint()  # read-only checks first: a refused resume writes nothing
@@ -348,7 +351,10 @@ class Trainer:
             oracle = build_oracle(cfg)
             try:
                 runtime = state["runtime"]
-                runtime.attach(oracle, build_times(cfg, oracle))
+                times = build_times(cfg, oracle)
+                from apga.guards import check_same_trace
+                check_same_trace(state, times)
+                runtime.attach(oracle, times)
                 _clean_temp_files(out_dir)
                 log = AppendLog(trainer.metrics_path, truncate_to=state["csv_bytes"])
                 trainer.state = state

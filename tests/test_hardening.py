@@ -542,3 +542,63 @@ def test_clean_dead_sessions_spares_live_and_unknown_folders(tmp_path):
     # the same pid with another start time is another process: its folder is stale
     (folders["live"] / "apga-owner").write_text(f"{os.getpid()} 1\n")
     assert ray_session.clean_dead_sessions(str(tmp_path)) == [str(folders["live"])]
+
+
+# --- item 7: resume that is exact, or refused ---------------------------------------------------
+
+
+@pytest.fixture
+def trace_run(tmp_path):
+    """A finished run whose compute times come from conf/t.csv, named relative to the config's
+    folder and started from another directory."""
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "t.csv").write_text("worker,seconds\n0,1\n1,2\n2,3\n0,0.5\n")
+    cfg = dict(BASE, workers={"n": 3, "compute_time": {"trace": "t.csv"}, "comm_time": 0.1})
+    write(conf / "c.yaml", cfg)
+    code, _, err, _ = apga(["train", "conf/c.yaml", "--out", "run", "--quiet"], tmp_path)
+    assert code == 0, err
+    return tmp_path / "run", conf / "t.csv"
+
+
+def test_relative_trace_resolves_against_the_config(trace_run):
+    run, trace = trace_run
+    stored = yaml.safe_load((run / "config.yaml").read_text())["workers"]["compute_time"]["trace"]
+    assert stored == str(trace)
+
+
+def test_resume_refuses_a_changed_trace(trace_run, tmp_path):
+    run, trace = trace_run
+    code, _, err, _ = apga(["train", "--resume", str(run), "--quiet"], tmp_path)  # unchanged: fine
+    assert code == 0, err
+    trace.write_text("worker,seconds\n0,100\n1,2\n2,3\n")
+    before = snapshot(run)
+    code, _, err, _ = apga(["train", "--resume", str(run)], tmp_path)
+    check_error(code, err, "workers.compute_time.trace", str(trace), "changed since the run started")
+    assert snapshot(run) == before
+
+
+def test_resume_of_a_run_that_lost_its_checkpoint_is_refused(tmp_path):
+    """It used to delete the results and silently run again."""
+    write(tmp_path / "base.yaml", BASE)
+    code, _, err, _ = apga(["train", "base.yaml", "--out", "run", "--quiet"], tmp_path)
+    assert code == 0, err
+    os.unlink(tmp_path / "run" / "checkpoint.pkl")
+    before = snapshot(tmp_path / "run")
+    code, _, err, _ = apga(["train", "--resume", "run"], tmp_path)
+    check_error(code, err, "checkpoint.pkl is missing", "past its first checkpoint")
+    assert snapshot(tmp_path / "run") == before
+
+
+def test_resume_before_the_first_checkpoint_still_restarts(tmp_path):
+    """Killed before the first checkpoint (only config.yaml and the header): a restart is right."""
+    write(tmp_path / "base.yaml", BASE)
+    code, _, err, _ = apga(["train", "base.yaml", "--out", "ref", "--quiet"], tmp_path)
+    assert code == 0, err
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_bytes((tmp_path / "ref" / "config.yaml").read_bytes())
+    header = (tmp_path / "ref" / "metrics.csv").read_text().split("\n")[0] + "\n"
+    (tmp_path / "run" / "metrics.csv").write_text(header)
+    code, _, err, _ = apga(["train", "--resume", "run", "--quiet"], tmp_path)
+    assert code == 0, err
+    assert (tmp_path / "run" / "metrics.csv").read_bytes() == (tmp_path / "ref" / "metrics.csv").read_bytes()

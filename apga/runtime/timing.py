@@ -63,6 +63,7 @@ class ComputeTime:
         self.n, self.seed = n, seed
         self.kind = "constant"
         self.dist, self.spread, self.segments, self.trace = None, 0.0, [], None
+        self.trace_sha256 = None
         if isinstance(spec, dict) and "dist" in spec:
             extra = set(spec) - {"dist", "mean", "spread"}
             if extra:
@@ -95,7 +96,8 @@ class ComputeTime:
             if extra:  # e.g. scale: it would be silently ignored
                 raise ConfigError(f"{key}: unknown key(s) {sorted(map(str, extra))} beside trace; a trace takes "
                                   "only its path (scale the seconds in the file itself)")
-            self.kind, self.trace = "trace", load_trace(spec["trace"], n, f"{key}.trace")
+            self.kind = "trace"
+            self.trace, self.trace_sha256 = load_trace(spec["trace"], n, f"{key}.trace", with_hash=True)
         else:
             self.means = per_worker_values(spec, n, key)
 
@@ -139,12 +141,15 @@ class ComputeTime:
 MAX_TRACE_BYTES = 64 << 20  # about 3 million rows
 
 
-def load_trace(path: Any, n: int, key: str) -> list[list[float]]:
+def load_trace(path: Any, n: int, key: str, with_hash: bool = False):
+    """Per-worker durations from a trace CSV; with ``with_hash`` also the sha256 of the bytes
+    read (a run records it, and --resume refuses a trace that changed since)."""
     if not isinstance(path, str):
         raise ConfigError(f"{key}: expected a file path, got {path!r}")
     from apga.files import read_regular_file
     try:
-        text = read_regular_file(os.path.expanduser(path), MAX_TRACE_BYTES).decode()
+        data = read_regular_file(os.path.expanduser(path), MAX_TRACE_BYTES)
+        text = data.decode()
         rows = list(csv.DictReader(io.StringIO(text, newline="")))
     except OSError as exc:
         raise ConfigError(f"{key}: cannot read trace file {short_repr(path)} ({exc.strerror})") from None
@@ -164,6 +169,9 @@ def load_trace(path: Any, n: int, key: str) -> list[list[float]]:
     missing = [w for w in range(n) if not per_worker[w]]
     if missing:
         raise ConfigError(f"{key}: trace {path!r} has no rows for worker(s) {missing[:5]}; give every worker at least one")
+    if with_hash:
+        import hashlib
+        return per_worker, hashlib.sha256(data).hexdigest()
     return per_worker
 
 
