@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -19,6 +20,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 MAX_ERROR_CHARS = 1000
+_WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG}
 
 
 def one_line(message: str) -> str:
@@ -58,6 +60,14 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.run(args) or 0)
     except ApgaError as exc:
         sys.stderr.write(f"apga: error: {one_line(str(exc))}\n")
+        return 2
+    except OSError as exc:
+        if exc.errno not in _WRITE_ERRORS:
+            raise
+        # A write that failed for lack of room or a broken disk: the command's files are whole
+        # (atomic writes, cut-back logs), so this is an error to report, not a crash.
+        where = f"{exc.filename}: " if exc.filename else ""
+        sys.stderr.write(f"apga: error: {one_line(where + 'cannot write (' + (exc.strerror or str(exc)) + ')')}\n")
         return 2
     except KeyboardInterrupt as exc:
         hint = {"train": "; continue with `apga train --resume DIR`",

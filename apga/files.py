@@ -66,6 +66,24 @@ def atomic_pickle(path: str, obj: Any) -> None:
     atomic_write_bytes(path, pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
 
 
+def write_whole(fd: int, data: bytes) -> None:
+    """Append ``data`` to the end of ``fd`` (opened O_APPEND) whole or not at all.
+
+    One write(2) in practice; a short write is continued. If a write fails (disk full: ENOSPC,
+    EDQUOT, EIO...), the file is cut back to its size before the call, so it never ends with a
+    torn line or record, and the OSError is raised."""
+    start = os.fstat(fd).st_size
+    try:
+        while data:
+            data = data[os.write(fd, data):]
+    except OSError:
+        try:
+            os.ftruncate(fd, start)  # frees the blocks of the partial write: never fails for lack of space
+        except OSError:
+            pass
+        raise
+
+
 class AppendLog:
     """An append-only text file written one whole line per write(2) call.
 
@@ -87,9 +105,7 @@ class AppendLog:
             os.ftruncate(self.fd, truncate_to)
 
     def write_line(self, line: str) -> None:
-        data = (line.rstrip("\n") + "\n").encode()
-        while data:  # one call in practice; a short write (disk full) is continued, not dropped
-            data = data[os.write(self.fd, data):]
+        write_whole(self.fd, (line.rstrip("\n") + "\n").encode())
 
     def sync(self) -> int:
         os.fsync(self.fd)

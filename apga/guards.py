@@ -198,3 +198,40 @@ def check_restartable(out_dir: str) -> None:
         raise ApgaError(f"--resume {out_dir!r}: checkpoint.pkl is missing, but the run got past its first "
                         "checkpoint; nothing was changed. Restore checkpoint.pkl to resume, or start a new run "
                         "(--force to overwrite)")
+
+
+# --- write failures (disk full) ---------------------------------------------------------------
+
+def write_failure(trainer, runtime, exc: OSError) -> ApgaError:
+    """The one-line error for a run that could not write (ENOSPC, EDQUOT, EIO...). metrics.csv
+    and the TensorBoard files were already cut back to whole lines and records (files.write_whole),
+    and the checkpoint is the last complete one (atomic). summary.json is set to failed, best
+    effort: on a full disk even that small write may fail, and then it is tried in place."""
+    where = exc.filename or trainer.out_dir
+    message = (f"{where}: cannot write ({exc.strerror or exc}); the run stopped at its last checkpoint and can "
+               f"be resumed with `apga train --resume {trainer.out_dir}` once there is room")
+    try:
+        trainer._summary(runtime, "failed", error=message)
+    except OSError:
+        _summary_in_place(trainer.out_dir, message)
+    return ApgaError(message)
+
+
+def _summary_in_place(out_dir: str, message: str) -> None:
+    """Last resort when even a temp file cannot be made: overwrite summary.json's status in place
+    (its old blocks are reused, so a full disk does not stop it)."""
+    import json
+    path = os.path.join(out_dir, "summary.json")
+    try:
+        with open(path) as f:
+            summary = json.load(f)
+        summary.update(status="failed", error=message)
+        data = (json.dumps(summary, indent=2) + "\n").encode()
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+    except (OSError, ValueError):
+        pass

@@ -33,7 +33,7 @@ import yaml
 from apga import config as cfgmod
 from apga.config import Config
 from apga.errors import ApgaError, ConfigError
-from apga.files import AppendLog, atomic_pickle, atomic_write_text
+from apga.files import AppendLog, atomic_pickle, atomic_write_text, write_whole
 from apga.protocol.algorithms import make_algorithm
 
 COLUMNS = ["time", "iteration", "trajectories", "trajectories_computed", "env_steps", "vector_comms",
@@ -164,8 +164,7 @@ class EventLog:
         if self.buf and self.fd is not None:
             data = b"".join(self.buf)
             self.buf = []
-            while data:
-                data = data[os.write(self.fd, data):]
+            write_whole(self.fd, data)  # whole records or none, even on a full disk
 
     def close(self) -> None:
         if self.fd is not None:
@@ -416,14 +415,23 @@ class Trainer:
         except ApgaError as exc:
             self._summary(runtime, "failed", error=str(exc))
             raise
+        except OSError as exc:  # disk full, quota, I/O error: one line, status failed, files whole
+            from apga.guards import write_failure
+            raise write_failure(self, runtime, exc) from None
         finally:
             progress.close()
-            self.tb.close()
-            self.tb_time.close()
-            log.close()
+            for closing in (self.tb.close, self.tb_time.close, log.close):
+                try:
+                    closing()
+                except OSError:  # flushing to a full disk: the file stays whole (write_whole)
+                    pass
             runtime.close()
-        summary = self._summary(runtime, "finished")
-        self._plot()
+        from apga.guards import write_failure
+        try:
+            summary = self._summary(runtime, "finished")
+            self._plot()
+        except OSError as exc:
+            raise write_failure(self, runtime, exc) from None
         return RunResult(self.out_dir, summary)
 
     def _check_progress(self, runtime, event) -> None:

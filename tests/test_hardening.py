@@ -602,3 +602,66 @@ def test_resume_before_the_first_checkpoint_still_restarts(tmp_path):
     code, _, err, _ = apga(["train", "--resume", "run", "--quiet"], tmp_path)
     assert code == 0, err
     assert (tmp_path / "run" / "metrics.csv").read_bytes() == (tmp_path / "ref" / "metrics.csv").read_bytes()
+
+
+# --- item 4: disk full ------------------------------------------------------------------------
+
+
+def _whole_records(path) -> int:
+    """Number of TFRecords in an event file; fails if the file ends inside a record."""
+    import struct
+    from apga.training import _masked_crc32c
+    data = path.read_bytes()
+    pos = count = 0
+    while pos < len(data):
+        assert pos + 12 <= len(data), f"{path}: torn record header at {pos}"
+        (length,) = struct.unpack("<Q", data[pos:pos + 8])
+        assert struct.unpack("<I", data[pos + 8:pos + 12])[0] == _masked_crc32c(data[pos:pos + 8])
+        end = pos + 12 + length + 4
+        assert end <= len(data), f"{path}: torn record at {pos}"
+        assert struct.unpack("<I", data[end - 4:end])[0] == _masked_crc32c(data[pos + 12:end - 4])
+        pos, count = end, count + 1
+    return count
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MB tmpfs (needs root)."""
+    path = tmp_path / "disk"
+    path.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(path)],
+                                            capture_output=True).returncode != 0:
+        pytest.skip("needs root and mount for a small tmpfs")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+def test_disk_full(tmp_path, small_disk):
+    """ENOSPC: one line, exit 2, summary "failed", metrics.csv and tb/ cut back to whole lines
+    and records, the checkpoint intact; after freeing space, --resume gives the uninterrupted run."""
+    cfg = dict(BASE, budget={"iterations": 3000}, eval={"every": 1}, checkpoint={"every": 100})
+    write(tmp_path / "fill.yaml", cfg)
+    code, _, err, _ = apga(["train", "fill.yaml", "--out", "ref", "--quiet"], tmp_path)
+    assert code == 0, err
+    reference = (tmp_path / "ref" / "metrics.csv").read_bytes()
+    assert len(reference) > 250_000  # more than the room left below
+    filler = small_disk / "filler"
+    filler.write_bytes(b"\0" * 1_850_000)
+
+    run = small_disk / "run"
+    code, _, err, _ = apga(["train", "fill.yaml", "--out", str(run), "--quiet"], tmp_path)
+    check_error(code, err, str(run), "No space left on device", "--resume")
+    summary = (run / "summary.json").read_text()
+    assert '"status": "failed"' in summary and "No space left" in summary
+    metrics = (run / "metrics.csv").read_bytes()
+    assert metrics.endswith(b"\n") and reference.startswith(metrics) and len(metrics) < len(reference)
+    events = sorted(run.glob("tb/**/events.out.tfevents.*"))
+    assert events and all(_whole_records(e) >= 1 for e in events)
+
+    filler.unlink()
+    code, _, err, _ = apga(["train", "--resume", str(run), "--quiet"], tmp_path)
+    assert code == 0, err
+    assert (run / "metrics.csv").read_bytes() == reference
+    assert '"status": "finished"' in (run / "summary.json").read_text()
