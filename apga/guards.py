@@ -235,3 +235,31 @@ def _summary_in_place(out_dir: str, message: str) -> None:
             os.close(fd)
     except (OSError, ValueError):
         pass
+
+
+# --- orphans ----------------------------------------------------------------------------------
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(sig: int | None = None) -> bool:
+    """Ask the kernel to send ``sig`` (default SIGTERM) to this process when its parent dies, so a
+    pool worker never outlives a parent killed with SIGKILL or SIGHUP (it would hold run locks and
+    ~300 MB forever). Linux only; returns whether it is in place. If the parent already died
+    before the request, exit now."""
+    import ctypes
+    import multiprocessing
+    import signal
+    import sys
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, int(sig or signal.SIGTERM), 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # orphaned before the request
+        os._exit(1)
+    return True

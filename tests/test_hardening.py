@@ -665,3 +665,51 @@ def test_disk_full(tmp_path, small_disk):
     assert code == 0, err
     assert (run / "metrics.csv").read_bytes() == reference
     assert '"status": "finished"' in (run / "summary.json").read_text()
+
+
+# --- item 5: no orphans -------------------------------------------------------------------------
+
+COMPARE = {
+    "base": {"env": {"id": "synthetic", "kwargs": {"dim": 4}}, "algorithm": {"batch_size": 4},
+             "workers": {"n": 3, "compute_time": "sqrt", "comm_time": 0.1},
+             "budget": {"iterations": 10**6}, "eval": {"every": 1000, "episodes": 1},
+             "checkpoint": {"every": 100}},
+    "seeds": 2,
+    "variants": {"rennala_nigt": {"algorithm.name": "rennala_nigt"}},
+}
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGHUP"])
+def test_compare_workers_die_with_their_parent(tmp_path, sig):
+    """`apga compare` killed by SIGKILL or SIGHUP used to leave its pool workers (and the
+    resource tracker) running forever under init, holding the run locks."""
+    import fcntl
+    import signal
+    from apga.runtime.ray_session import _psutil
+    psutil = _psutil() if _has_ray() else pytest.importorskip("psutil")
+    write(tmp_path / "cmp.yaml", COMPARE)
+    p = subprocess.Popen([sys.executable, "-m", "apga", "compare", "cmp.yaml", "--out", "out", "--jobs", "2",
+                          "--quiet"], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=ROOT),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    runs = [tmp_path / "out" / "default" / "rennala_nigt" / f"seed{k}" for k in (0, 1)]
+    deadline = time.monotonic() + 240
+    while not all((r / "checkpoint.pkl").exists() for r in runs):  # both workers are training
+        assert time.monotonic() < deadline and p.poll() is None, "the compare runs did not start"
+        time.sleep(0.2)
+    children = psutil.Process(p.pid).children(recursive=True)
+    assert len(children) >= 2
+    p.send_signal(getattr(signal, sig))
+    p.wait(timeout=60)
+    gone, alive = psutil.wait_procs(children, timeout=60)
+    assert alive == [], [c.pid for c in alive]
+    for r in runs:  # the locks are free: a re-run would not be "in use by another apga process"
+        fd = os.open(r / ".lock", os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
+
+
+def _has_ray() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("ray") is not None
