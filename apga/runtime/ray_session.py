@@ -7,7 +7,8 @@ A *local* session (``runtime.address: null``) is a fresh single-node Ray instanc
 - starts no dashboard, reports no usage statistics, logs warnings only;
 - keeps all its files (sockets, logs, spill) in a fresh ``tempfile.mkdtemp`` (mode 0700; Ray's
   own folders inside it are 0777, but unreachable to other users) removed at close; a folder
-  left by a killed driver is removed, with the Ray processes still using it, at the next local
+  left by a killed driver is removed, with the Ray processes still using it, by a small
+  watchdog process that sees the driver end (``_start_watchdog``), or else at the next local
   start (``clean_dead_sessions``);
 - takes SIGTERM back from Ray's C++ handler, so that it stops a run like Ctrl-C;
 - writes nothing to ``$HOME``: Ray's token authentication stays on, but with a per-process random
@@ -69,6 +70,7 @@ class Session:
     owned: bool
     address: str | None
     temp_dir: str | None
+    watchdog: object = None  # subprocess.Popen of the folder's watchdog (local sessions)
 
     def close(self) -> None:
         import ray
@@ -84,6 +86,13 @@ class Session:
             if self.temp_dir:
                 shutil.rmtree(self.temp_dir, ignore_errors=True)
                 self.temp_dir = None
+            if self.watchdog is not None:  # nothing left to clean: let it go
+                watchdog, self.watchdog = self.watchdog, None
+                try:
+                    watchdog.stdin.close()
+                    watchdog.wait(timeout=SHUTDOWN_GRACE)
+                except Exception:  # noqa: BLE001 - it cleans nothing by now; never block the close
+                    pass
 
 
 def _terminate(signum, frame):
@@ -151,8 +160,7 @@ def clean_dead_sessions(root: str | None = None) -> list[str]:
             continue
         if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or not _dead_owner(path):
             continue
-        _kill_users_of(path)
-        shutil.rmtree(path, ignore_errors=True)
+        _cleanup(path)
         removed.append(path)
     return removed
 
@@ -176,23 +184,71 @@ def _uses(pid: int, cmdline: list, path: str) -> bool:
     return False
 
 
-def _kill_users_of(path: str) -> None:
-    """Kill this user's processes that use the session folder ``path``."""
-    psutil = _psutil()
-    victims = []
-    for p in psutil.process_iter(["pid", "uids", "cmdline"]):
-        try:
-            if p.info["uids"] and p.info["uids"].real == os.getuid() and p.pid != os.getpid() \
-                    and _uses(p.pid, p.info["cmdline"], path):
-                victims.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
+def _users_of(path: str) -> list[int]:
+    """This user's processes (other than this one) that use ``path``, read from /proc (stdlib
+    only: the watchdog runs this without Ray's psutil)."""
+    me, uid = os.getpid(), os.getuid()
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == me:
             continue
-    for p in victims:
         try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(victims, timeout=SHUTDOWN_GRACE)
+            if os.stat(f"/proc/{name}").st_uid != uid:
+                continue
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                cmdline = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if _uses(int(name), cmdline, path):
+            found.append(int(name))
+    return found
+
+
+def _kill_users_of(path: str, grace: float = SHUTDOWN_GRACE) -> None:
+    """SIGKILL this user's processes that use the session folder ``path``, until none is left."""
+    import signal
+    import time
+    deadline = time.monotonic() + grace
+    while True:
+        pids = _users_of(path)
+        if not pids or time.monotonic() > deadline:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        time.sleep(0.05)
+
+
+def _cleanup(temp_dir: str) -> None:
+    _kill_users_of(temp_dir)
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _start_watchdog(temp_dir: str):
+    """A small process that outlives a killed driver: it waits for the end of a pipe from this
+    process (the kernel closes it however the driver ends, SIGKILL included), then kills what
+    still uses the session folder and removes it. Ray's agents would otherwise linger for minutes
+    and the folder forever. It runs in its own session, so Ctrl-C in the terminal does not stop it."""
+    import json
+    import subprocess
+    import sys
+    code = ("import json, sys; sys.path[:0] = json.loads(sys.argv[2]); "
+            "from apga.runtime.ray_session import _watch; _watch(sys.argv[1])")
+    try:
+        return subprocess.Popen([sys.executable, "-c", code, temp_dir, json.dumps(sys.path)],
+                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+    except OSError:
+        return None  # no watchdog: the next local start cleans up instead (clean_dead_sessions)
+
+
+def _watch(temp_dir: str) -> None:
+    import sys
+    sys.stdin.buffer.read()  # returns when the driver is gone (or closed the pipe at its close())
+    if os.path.isdir(temp_dir):
+        _cleanup(temp_dir)
 
 
 def start_local(num_cpus: int | None = None) -> Session:
@@ -203,9 +259,11 @@ def start_local(num_cpus: int | None = None) -> Session:
     # inside a private 0700 one, so no other user can reach, plant or replace anything there.
     clean_dead_sessions()
     temp_dir = tempfile.mkdtemp(prefix=TEMP_PREFIX)
+    watchdog = None
     try:
         os.chmod(temp_dir, 0o700)
         _write_owner(temp_dir)
+        watchdog = _start_watchdog(temp_dir)
         with _loopback_node_ip():
             ray.init(
                 num_cpus=num_cpus or os.cpu_count() or 1,
@@ -219,9 +277,11 @@ def start_local(num_cpus: int | None = None) -> Session:
             )
     except BaseException:
         shutil.rmtree(temp_dir, ignore_errors=True)
+        if watchdog is not None:
+            watchdog.stdin.close()
         raise
     _handle_sigterm()
-    return Session(True, None, temp_dir)
+    return Session(True, None, temp_dir, watchdog)
 
 
 def check_address(address: str, timeout: float = 5.0) -> None:
