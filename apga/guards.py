@@ -128,9 +128,11 @@ def check_memory(cfg) -> None:
         _SIZE_KEYS[key](c, default)
         return memory_estimate(c)
 
-    keys = [k for k in _SIZE_KEYS if (k == "env.kwargs.dim") == (cfg.env.id == "synthetic")
-            and isinstance(cfg.env.kwargs, dict)]
-    key = min(keys or ["workers.n"], key=without)
+    if cfg.env.id == "synthetic":  # the keys that size this kind of run
+        keys = ["workers.n", "algorithm.batch_size"] + (["env.kwargs.dim"] if isinstance(cfg.env.kwargs, dict) else [])
+    else:
+        keys = [k for k in _SIZE_KEYS if k != "env.kwargs.dim"]
+    key = min(keys, key=without)
     raise ConfigError(f"{key}: the run needs at least {_gb(need)} of memory (workers.n={cfg.workers.n}, "
                       f"algorithm.batch_size={cfg.algorithm.batch_size}, env.horizon={cfg.env.horizon}, "
                       f"at least {parameter_lower_bound(cfg)} parameters), more than the {_gb(limit)} of "

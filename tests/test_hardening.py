@@ -719,3 +719,9 @@ def test_compare_workers_die_with_their_parent(tmp_path, sig):
 def _has_ray() -> bool:
     import importlib.util
     return importlib.util.find_spec("ray") is not None
+
+
+def test_compare_refuses_absurd_sizes_before_writing(tmp_path):
+    cmp = dict(COMPARE, variants={"big": {"algorithm.name": "rennala_nigt", "workers.n": 10**9}})
+    write(tmp_path / "cmp.yaml", cmp)
+    expect_refused(tmp_path, ["compare", "cmp.yaml", "--out", "{out}"], "workers.n: the run needs at least")
