@@ -20,7 +20,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 MAX_ERROR_CHARS = 1000
-_WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG}
+_WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG, errno.EACCES, errno.EPERM}
 
 
 def one_line(message: str) -> str:
@@ -64,10 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         if exc.errno not in _WRITE_ERRORS:
             raise
-        # A write that failed for lack of room or a broken disk: the command's files are whole
+        # A write refused (no room, read-only, no permission) or a broken disk: the files are whole
         # (atomic writes, cut-back logs), so this is an error to report, not a crash.
         where = f"{exc.filename}: " if exc.filename else ""
-        sys.stderr.write(f"apga: error: {one_line(where + 'cannot write (' + (exc.strerror or str(exc)) + ')')}\n")
+        sys.stderr.write(f"apga: error: {one_line(where + (exc.strerror or str(exc)))}\n")
         return 2
     except KeyboardInterrupt as exc:
         hint = {"train": "; continue with `apga train --resume DIR`",

@@ -43,6 +43,7 @@ def env_construction(env_id: str):
 BASE_BYTES = 100 << 20  # the interpreter with numpy loaded
 PER_WORKER_BYTES = 500  # counters, job keys and heap entries of one worker (measured: ~500)
 PER_JOB_BYTES = 100  # one (worker, job) entry of a round's list of jobs to compute
+PER_PROCESS_BYTES = 50 << 20  # one rollout process (runtime.processes): an interpreter with numpy, gym
 VECTORS_PER_WORKER = 1  # each worker holds at least one d-vector (its gradient sum)
 VECTORS_SHARED = 3  # parameters, momentum, the aggregate
 
@@ -92,7 +93,9 @@ def memory_estimate(cfg) -> int:
             + n * PER_WORKER_BYTES
             + (n * VECTORS_PER_WORKER + VECTORS_SHARED) * 8 * d
             + batch * PER_JOB_BYTES
-            + horizon * 8 * (1 + 2 * p.rollout_batch))  # discount powers; one rollout batch of obs, reward
+            + horizon * 8 * (1 + 2 * p.rollout_batch)  # discount powers; one rollout batch of obs, reward
+            + (cfg.runtime.processes if cfg.runtime.name == "sim" and cfg.runtime.processes > 1 else 0)
+            * PER_PROCESS_BYTES * (0 if cfg.env.id == "synthetic" else 1))
 
 
 # The keys a memory refusal can blame, with how to put each back to its default.
@@ -104,6 +107,7 @@ _SIZE_KEYS = {
     "policy.hidden": lambda c, d: setattr(c.policy, "hidden", d.policy.hidden),
     "policy.rollout_batch": lambda c, d: setattr(c.policy, "rollout_batch", d.policy.rollout_batch),
     "env.kwargs.dim": lambda c, d: setattr(c.env, "kwargs", {**c.env.kwargs, "dim": 10}),
+    "runtime.processes": lambda c, d: setattr(c.runtime, "processes", d.runtime.processes),
 }
 
 

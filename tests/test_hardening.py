@@ -310,6 +310,7 @@ def test_read_only_run_dir_resume(tmp_path):
     ("env.horizon=1000000000", "env.horizon"),
     ("policy.hidden=[100000, 100000]", "policy.hidden"),
     ("policy.rollout_batch=1000000000", "policy.rollout_batch"),
+    ("runtime.processes=100000", "runtime.processes"),
 ])
 def test_absurd_sizes_refused_up_front(tmp_path, item, key):
     """Refused from a memory estimate before anything is allocated: fast and small."""
