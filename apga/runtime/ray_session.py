@@ -288,8 +288,19 @@ def check_address(address: str, timeout: float = 5.0) -> None:
     """Refuse, before a run writes anything, a ``runtime.address`` that nothing answers at:
     ``ray.init`` would otherwise retry for minutes after the run directory exists."""
     from apga.errors import ApgaError
-    if address == "auto":
-        return
+    if address == "auto":  # the cluster `ray start` recorded on this machine: find its address
+        _import_ray()
+        try:
+            from ray._private.services import canonicalize_bootstrap_address
+        except ImportError:  # another Ray version: ray.init will tell
+            return
+        try:
+            address = canonicalize_bootstrap_address("auto")
+        except ConnectionError:
+            raise ApgaError("runtime.address: auto finds no running Ray cluster on this machine; start one with "
+                            "`ray start --head`, or set runtime.address: null for a local run") from None
+        if not address:
+            return
     host, _, port = address.rpartition(":")
     host = host.strip("[]")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
