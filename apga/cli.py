@@ -61,14 +61,6 @@ def main(argv: list[str] | None = None) -> int:
     except ApgaError as exc:
         sys.stderr.write(f"apga: error: {one_line(str(exc))}\n")
         return 2
-    except OSError as exc:
-        if exc.errno not in _WRITE_ERRORS:
-            raise
-        # A write refused (no room, read-only, no permission) or a broken disk: the files are whole
-        # (atomic writes, cut-back logs), so this is an error to report, not a crash.
-        where = f"{exc.filename}: " if exc.filename else ""
-        sys.stderr.write(f"apga: error: {one_line(where + (exc.strerror or str(exc)))}\n")
-        return 2
     except KeyboardInterrupt as exc:
         hint = {"train": "; continue with `apga train --resume DIR`",
                 "compare": "; run the same command again to resume"}.get(args.command, "")
@@ -80,6 +72,14 @@ def main(argv: list[str] | None = None) -> int:
         # complete on disk; stop quietly, without a second error when Python flushes at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as exc:
+        if exc.errno not in _WRITE_ERRORS:
+            raise
+        # A write refused (no room, read-only, no permission) or a broken disk: the files are whole
+        # (atomic writes, cut-back logs), so this is an error to report, not a crash.
+        where = f"{exc.filename}: " if exc.filename else ""
+        sys.stderr.write(f"apga: error: {one_line(where + (exc.strerror or str(exc)))}\n")
+        return 2
 
 
 if __name__ == "__main__":

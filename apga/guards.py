@@ -163,11 +163,17 @@ def matplotlib_config_dir() -> str | None:
     except OSError:
         path = None
     if path is not None:
-        st = os.lstat(path)
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        try:
+            st = os.lstat(path)
+        except OSError:
+            st = None
+        if st is None or not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
             path = None
     if path is None:
-        path = tempfile.mkdtemp(prefix="apga-matplotlib-")
+        try:
+            path = tempfile.mkdtemp(prefix="apga-matplotlib-")
+        except OSError:  # no writable temp dir: leave matplotlib to its own default
+            return None
     os.environ["MPLCONFIGDIR"] = path
     return path
 
