@@ -17,12 +17,17 @@ import yaml
 
 from apga.errors import ConfigError
 
+MAX_SEED = 2**64 - 1  # seeds key 64-bit Philox streams (apga/rng.py): larger ones would wrap
+MAX_ENV_ID = 256
 ALGORITHMS = ("rennala_nigt", "malenia_nigt", "sync_nigt", "afedpg", "sync_pg", "rennala_pg")
 
 
 @dataclass
 class EnvConfig:
-    """What the workers sample. ``id`` is a Gymnasium id, or ``synthetic`` (known smooth functions)."""
+    """What the workers sample. ``id`` is a Gymnasium id, or ``synthetic`` (known smooth functions).
+
+    ``id: module:Env-v0`` makes Gymnasium import ``module`` first: a config is trusted input, like
+    a script (docs/guarantees.md)."""
 
     id: str = "CartPole-v1"
     horizon: int = 500  # H: trajectories are cut after H steps
@@ -133,6 +138,18 @@ class _Loader(yaml.SafeLoader):
     - a key repeated in one mapping is an error, instead of the last one silently winning.
     """
 
+    def compose_document(self):
+        node = super().compose_document()
+        _check_expanded_size(node)
+        return node
+
+    def construct_yaml_int(self, node):
+        digits = sum(ch.isalnum() for ch in str(node.value))
+        if digits > MAX_INT_DIGITS:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"an integer with {digits} digits is out of range for any setting", node.start_mark)
+        return super().construct_yaml_int(node)
+
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
             seen = set()
@@ -142,11 +159,63 @@ class _Loader(yaml.SafeLoader):
                 key = self.construct_object(key_node, deep=True)
                 if key in seen:
                     raise yaml.constructor.ConstructorError(
-                        None, None, f"duplicate key {key!r}: give each key once", key_node.start_mark)
+                        None, None, f"duplicate key {_short(key)}: give each key once", key_node.start_mark)
                 seen.add(key)
         return super().construct_mapping(node, deep)
 
 
+# A config is a few hundred values. Anchors and aliases (`&a` / `*a`) are allowed, but the
+# document they expand to must stay small: nested aliases can describe 10^9 values in 400 bytes
+# (a "billion laughs" document), which would exhaust memory once expanded into dicts and lists.
+MAX_YAML_NODES = 100_000
+MAX_YAML_DEPTH = 64  # nesting levels
+MAX_INT_DIGITS = 100  # longer integers are no sensible config value (and Python refuses > 4300)
+
+
+def _check_expanded_size(root) -> None:
+    """Count the nodes of the composed document as if every alias were expanded (each distinct
+    node is visited once, its expanded size memoised) and refuse recursive or huge documents,
+    before anything is constructed from it."""
+    size: dict[int, int] = {}
+    depth: dict[int, int] = {}
+    open_nodes: set[int] = set()
+    stack = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        if children_done:
+            open_nodes.discard(key)
+            children = _children(node)
+            total = 1 + sum(size[id(c)] for c in children)
+            size[key] = total
+            depth[key] = 1 + max((depth[id(c)] for c in children), default=0)
+            if depth[key] > MAX_YAML_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None, None, f"values are nested more than {MAX_YAML_DEPTH} levels deep", node.start_mark)
+            if total > MAX_YAML_NODES:
+                raise yaml.composer.ComposerError(
+                    None, None, f"the document expands to more than {MAX_YAML_NODES} values (through anchors "
+                    "and aliases); write the values out or shorten the config", node.start_mark)
+            continue
+        if key in size:
+            continue
+        if key in open_nodes:
+            raise yaml.composer.ComposerError(None, None, "an alias refers to a node that contains it "
+                                              "(a recursive structure); remove the alias", node.start_mark)
+        open_nodes.add(key)
+        stack.append((node, True))
+        stack.extend((c, False) for c in _children(node) if id(c) not in size)
+
+
+def _children(node) -> list:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [c for pair in node.value for c in pair]
+    return []
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
@@ -156,7 +225,23 @@ _Loader.add_implicit_resolver(
 
 def yaml_load(text: str):
     """Parse YAML text with the config loader (see ``_Loader``); raises yaml.YAMLError."""
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+    except RecursionError:  # PyYAML composes recursively: thousands of '[' exhaust the stack
+        raise yaml.composer.ComposerError(None, None, f"values are nested more than {MAX_YAML_DEPTH} "
+                                          "levels deep", None) from None
+
+
+def short_repr(value: Any, limit: int = 80) -> str:
+    """repr(value), cut to about ``limit`` characters: error lines stay one short line even when
+    the bad value is a 10 MB string."""
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]!r}... ({len(value)} characters)"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+_short = short_repr
 
 
 def did_you_mean(word: str, options) -> str:
@@ -168,7 +253,7 @@ def _unknown_key(full: str, key: str, names) -> str:
     hint = did_you_mean(key, names)
     if not hint:
         hint = f"; known keys here: {', '.join(names)}"
-    return f"unknown key {full!r}{hint}"
+    return f"unknown key {_short(full)}{hint}"
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -184,27 +269,27 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return _coerce(value, inner[0], key)
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+            raise ConfigError(f"{key}: expected true or false, got {_short(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {_short(value)}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
+            raise ConfigError(f"{key}: expected a number, got {_short(value)}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+            raise ConfigError(f"{key}: expected a string, got {_short(value)}")
         return value
     if tp is list or origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {_short(value)}")
         return value
     if tp is dict or origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping, got {_short(value)}")
         return value
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key)
@@ -216,7 +301,7 @@ def _build(cls, data: Any, prefix: str):
         data = {}
     if not isinstance(data, dict):
         where = prefix or "the config"
-        raise ConfigError(f"{where}: expected a mapping of keys, got {data!r}")
+        raise ConfigError(f"{where}: expected a mapping of keys, got {_short(data)}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -254,10 +339,10 @@ def _override_target(item: str, parts: list[str]) -> None:
             return  # inside a free-form mapping (env.kwargs): anything goes
         hints = typing.get_type_hints(tp)
         if part not in hints:
-            raise ConfigError(f"--set {item!r}: {_unknown_key(here, part, list(hints))}")
+            raise ConfigError(f"--set {_short(item)}: {_unknown_key(here, part, list(hints))}")
         tp = hints[part]
         if not dataclasses.is_dataclass(tp) and tp is not dict and typing.get_origin(tp) is not dict:
-            raise ConfigError(f"--set {item!r}: {here!r} is a value, not a section; "
+            raise ConfigError(f"--set {_short(item)}: {_short(here)} is a value, not a section; "
                               f"use --set {here}=VALUE")
 
 
@@ -266,17 +351,20 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     data = _deepcopy(data)
     for item in overrides or []:
         if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. --set algorithm.step_size=0.01")
+            raise ConfigError(f"--set {_short(item)}: expected section.key=value, e.g. --set algorithm.step_size=0.01")
         path, raw = item.split("=", 1)
         parts = [p.strip() for p in path.split(".")]
         if not all(parts):
-            raise ConfigError(f"--set {item!r}: the key before '=' is empty or has an empty part; "
+            raise ConfigError(f"--set {_short(item)}: the key before '=' is empty or has an empty part; "
                               "expected section.key=value, e.g. --set algorithm.step_size=0.01")
         _override_target(item, parts)
         try:
             value = yaml_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            raise ConfigError(f"--set {item!r}: the value is not valid YAML (quote strings that contain "
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None)
+            if isinstance(exc, (yaml.composer.ComposerError, yaml.constructor.ConstructorError)) and problem:
+                raise ConfigError(f"--set {_short(item)}: {problem}") from None
+            raise ConfigError(f"--set {_short(item)}: the value is not valid YAML (quote strings that contain "
                               "YAML syntax)") from None
         node = data
         for depth, part in enumerate(parts[:-1]):
@@ -285,7 +373,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
                 child = node[part] = {}
             if not isinstance(child, dict):
                 here = ".".join(parts[:depth + 1])
-                raise ConfigError(f"--set {item!r}: {here} is {child!r} in the config, not a mapping; "
+                raise ConfigError(f"--set {_short(item)}: {here} is {_short(child)} in the config, not a mapping; "
                                   "fix the config file")
             node = child
         node[parts[-1]] = value
@@ -300,17 +388,20 @@ def _deepcopy(data):
     return data
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few kB; 1 MB leaves room for long per-worker lists
+
+
 def read_yaml(path: str) -> dict:
     """Read a YAML mapping; unreadable or malformed files raise a one-line ConfigError."""
+    from apga.files import read_regular_file
     try:
-        with open(path) as f:
-            text = f.read()
+        text = read_regular_file(os.path.expanduser(path), MAX_CONFIG_BYTES).decode()
     except FileNotFoundError:
-        raise ConfigError(f"config file {path!r} does not exist") from None
+        raise ConfigError(f"config file {_short(path)} does not exist") from None
     except IsADirectoryError:
-        raise ConfigError(f"config file {path!r} is a directory, expected a YAML file") from None
+        raise ConfigError(f"config file {_short(path)} is a directory, expected a YAML file") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read config file {path!r}: {getattr(exc, 'strerror', None) or exc}") from None
+        raise ConfigError(f"cannot read config file {_short(path)}: {getattr(exc, 'strerror', None) or exc}") from None
     try:
         data = yaml_load(text)
     except yaml.YAMLError as exc:
@@ -328,7 +419,10 @@ def read_yaml(path: str) -> dict:
 def load_config(source: str | dict | None = None, overrides: list[str] | None = None) -> Config:
     """Load a config from a YAML path or a mapping (None = all defaults), apply ``--set``-style
     overrides and validate. Raises ConfigError with a one-line message on bad input."""
-    data = read_yaml(source) if isinstance(source, (str, os.PathLike)) else _deepcopy(source or {})
+    if isinstance(source, (str, os.PathLike)):
+        data = resolve_paths(read_yaml(source), os.path.dirname(os.path.abspath(os.path.expanduser(source))))
+    else:
+        data = _deepcopy(source or {})
     return from_dict(apply_overrides(data, overrides or []))
 
 
@@ -343,6 +437,18 @@ def _protocol_class(a: AlgorithmConfig) -> type:
     return cls
 
 
+def resolve_paths(data: dict, base_dir: str) -> dict:
+    """Make a relative ``workers.compute_time.trace`` path in a config file relative to the file's
+    folder (not to wherever apga runs), so the resolved config.yaml names the file for good. A
+    path given with --set stays relative to the current directory, like any shell argument."""
+    times = data.get("workers", {}).get("compute_time") if isinstance(data.get("workers"), dict) else None
+    if isinstance(times, dict) and isinstance(times.get("trace"), str):
+        path = os.path.expanduser(times["trace"])
+        if path and not os.path.isabs(path):
+            times["trace"] = os.path.join(base_dir, path)
+    return data
+
+
 def _require(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {message}")
@@ -351,10 +457,11 @@ def _require(ok: bool, key: str, message: str) -> None:
 def validate(cfg: Config) -> None:
     """Semantic checks beyond types. Each failure names the key and the fix."""
     a, w, e, b = cfg.algorithm, cfg.workers, cfg.env, cfg.budget
-    _require(cfg.seed >= 0, "seed", f"must be >= 0, got {cfg.seed}")
+    _require(0 <= cfg.seed <= MAX_SEED, "seed", f"must be >= 0 and <= 2^64 - 1 (the random streams' "
+             f"key), got {cfg.seed}")
     _require(a.name in ALGORITHMS or ":" in a.name, "algorithm.name",
-             f"unknown algorithm {a.name!r}{did_you_mean(a.name, ALGORITHMS)}; choose one of {', '.join(ALGORITHMS)}, "
-             "or your own protocol class as package.module:ClassName")
+             f"unknown algorithm {_short(a.name)}{did_you_mean(a.name, ALGORITHMS)}; choose one of "
+             f"{', '.join(ALGORITHMS)}, or your own protocol class as package.module:ClassName")
     protocol = _protocol_class(a)
     _require(math.isfinite(a.step_size) and a.step_size > 0, "algorithm.step_size", f"alpha must be > 0, got {a.step_size}")
     _require(0 < a.momentum <= 1, "algorithm.momentum", f"eta must be in (0, 1], got {a.momentum}")
@@ -362,25 +469,33 @@ def validate(cfg: Config) -> None:
     _require(a.init_batch_size is None or a.init_batch_size >= 1, "algorithm.init_batch_size",
              f"M_init must be >= 1 (or null for batch_size), got {a.init_batch_size}")
     _require(a.aggregation in ("server", "allreduce"), "algorithm.aggregation",
-             f"must be server or allreduce, got {a.aggregation!r}")
+             f"must be server or allreduce, got {_short(a.aggregation)}")
     _require(a.aggregation == "server" or protocol.supports_allreduce, "algorithm.aggregation",
              f"{protocol.__name__} has no AllReduce form; use server")
     _require(a.step_schedule in ("constant", "delay"), "algorithm.step_schedule",
-             f"must be constant or delay, got {a.step_schedule!r}")
+             f"must be constant or delay, got {_short(a.step_schedule)}")
     _require(w.n >= 1, "workers.n", f"the number of workers must be >= 1, got {w.n}")
     _require(bool(e.id), "env.id", "give a Gymnasium id (e.g. CartPole-v1) or synthetic")
+    _require(len(e.id) <= MAX_ENV_ID, "env.id", f"{_short(e.id)} is too long for an environment id "
+             f"(more than {MAX_ENV_ID} characters); give a Gymnasium id such as Hopper-v5")
     _require(e.horizon >= 1, "env.horizon", f"H must be >= 1, got {e.horizon}")
     _require(0 < e.gamma <= 1, "env.gamma", f"gamma must be in (0, 1], got {e.gamma}")
     _require(len(e.per_worker) <= w.n, "env.per_worker", f"has {len(e.per_worker)} entries for {w.n} workers")
     _require(all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in cfg.policy.hidden),
-             "policy.hidden", f"expected a list of layer sizes >= 1, got {cfg.policy.hidden!r}")
+             "policy.hidden", f"expected a list of layer sizes >= 1, got {_short(cfg.policy.hidden)}")
     _require(math.isfinite(cfg.policy.init_std) and cfg.policy.init_std > 0, "policy.init_std",
              f"must be a finite number > 0, got {cfg.policy.init_std}")
     _require(cfg.policy.rollout_batch >= 1, "policy.rollout_batch",
              f"must be >= 1, got {cfg.policy.rollout_batch}")
-    _require(cfg.runtime.name in ("sim", "ray"), "runtime.name", f"must be sim or ray, got {cfg.runtime.name!r}")
+    _require(cfg.runtime.name in ("sim", "ray"), "runtime.name", f"must be sim or ray, got {_short(cfg.runtime.name)}")
     _require(cfg.runtime.streams in ("job", "round"), "runtime.streams",
-             f"must be job or round, got {cfg.runtime.streams!r}")
+             f"must be job or round, got {_short(cfg.runtime.streams)}")
+    address = cfg.runtime.address
+    _require(address is None or "://" not in address, "runtime.address",
+             f"{_short(address)}: Ray Client addresses (ray://) are not supported; give HOST:PORT of the "
+             "head (from `ray start --head`), auto, or null for a local run")
+    _require(address is None or address == "auto" or re.fullmatch(r"\[?[\w.:%-]+\]?:\d{1,5}", address) is not None,
+             "runtime.address", f"expected HOST:PORT of a running Ray head, auto, or null, got {_short(address)}")
     _require(cfg.runtime.max_restarts >= 0, "runtime.max_restarts", f"must be >= 0, got {cfg.runtime.max_restarts}")
     _require(math.isfinite(cfg.runtime.worker_timeout) and cfg.runtime.worker_timeout > 0, "runtime.worker_timeout",
              f"must be a finite number of seconds > 0, got {cfg.runtime.worker_timeout}")

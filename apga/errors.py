@@ -7,3 +7,7 @@ class ApgaError(Exception):
 
 class ConfigError(ApgaError):
     """A config key or value is wrong. The message names the key and the fix."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that a run stops cleanly (resumable); the CLI exits 143."""

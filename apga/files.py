@@ -66,6 +66,24 @@ def atomic_pickle(path: str, obj: Any) -> None:
     atomic_write_bytes(path, pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
 
 
+def write_whole(fd: int, data: bytes) -> None:
+    """Append ``data`` to the end of ``fd`` (opened O_APPEND) whole or not at all.
+
+    One write(2) in practice; a short write is continued. If a write fails (disk full: ENOSPC,
+    EDQUOT, EIO...), the file is cut back to its size before the call, so it never ends with a
+    torn line or record, and the OSError is raised."""
+    start = os.fstat(fd).st_size
+    try:
+        while data:
+            data = data[os.write(fd, data):]
+    except OSError:
+        try:
+            os.ftruncate(fd, start)  # frees the blocks of the partial write: never fails for lack of space
+        except OSError:
+            pass
+        raise
+
+
 class AppendLog:
     """An append-only text file written one whole line per write(2) call.
 
@@ -87,9 +105,7 @@ class AppendLog:
             os.ftruncate(self.fd, truncate_to)
 
     def write_line(self, line: str) -> None:
-        data = (line.rstrip("\n") + "\n").encode()
-        while data:  # one call in practice; a short write (disk full) is continued, not dropped
-            data = data[os.write(self.fd, data):]
+        write_whole(self.fd, (line.rstrip("\n") + "\n").encode())
 
     def sync(self) -> int:
         os.fsync(self.fd)
@@ -99,3 +115,42 @@ class AppendLog:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+class NotARegularFile(OSError):
+    """The path names a FIFO, a device, a socket or a directory: never read (it may not end)."""
+
+
+class FileTooLarge(OSError):
+    """The file is over the size cap of its kind."""
+
+
+def read_regular_file(path: str, limit: int) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes.
+
+    Opened with O_NONBLOCK, so that a FIFO does not block the open; then anything but a regular
+    file (FIFO, /dev/zero, /dev/urandom, a directory) is refused before a byte is read, and at
+    most ``limit + 1`` bytes are ever read. Raises OSError (FileNotFoundError, NotARegularFile,
+    FileTooLarge, ...)."""
+    import stat
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(21, "Is a directory", path)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotARegularFile(0, "not a regular file (a FIFO, device or socket)", path)
+        if st.st_size > limit:
+            raise FileTooLarge(0, f"larger than {limit} bytes", path)
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, min(1 << 20, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > limit:  # grew while read
+            raise FileTooLarge(0, f"larger than {limit} bytes", path)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)

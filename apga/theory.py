@@ -54,9 +54,19 @@ def _offsets(kappa: ArrayLike | float | None, n: int, what: str = "communication
     return a
 
 
+# Counts of gradients per worker stay below 2^51, where float64 still tells k from k + 1 (beyond
+# 2^53, k + 1.0 == k and the exact-count corrections below could never finish).
+MAX_COUNT = 2**51
+MAX_BATCH = 2**50
+
+
 def _batch(M: int) -> int:
+    if isinstance(M, float) and not math.isfinite(M):
+        raise ValueError(f"batch size M must be a positive integer, got {M!r}")
     if int(M) != M or M < 1:
         raise ValueError(f"batch size M must be a positive integer, got {M!r}")
+    if M > MAX_BATCH:
+        raise ValueError(f"batch size M must be at most 2^50 (float64 cannot count further exactly), got {M:g}")
     return int(M)
 
 
@@ -74,18 +84,38 @@ def counts_at(t: float, h: ArrayLike, start: ArrayLike | float | None = None) ->
 def _counts(t: float, h: np.ndarray, s: np.ndarray) -> np.ndarray:
     # The division gives an estimate that may be one off after rounding; it is then corrected
     # with the very comparison that defines b_i, so the count is exact for the float times.
-    k = np.maximum(np.floor((t - s) / h), 0.0)
-    while True:  # estimate too small: the next completion is still <= t
+    if not math.isfinite(t):
+        raise ValueError(f"time {t!r} is not finite: the worker times or the batch size are too large")
+    with np.errstate(over="ignore"):  # an overflow gives inf, refused just below
+        k = np.maximum(np.floor((t - s) / h), 0.0)
+    if np.any(k >= MAX_COUNT):  # also bounds the loops below: each moves k by one per pass
+        raise ValueError(f"a worker completes more than 2^51 gradients by time {t:g}: float64 cannot count "
+                         "them exactly; use times of a similar scale or a smaller batch size")
+    for _ in range(_MAX_FIXES):  # estimate too small: the next completion is still <= t
         up = s + (k + 1.0) * h <= t
         if not up.any():
             break
         k += up
-    while True:  # estimate too large: the k-th completion is after t
+    else:
+        raise _unresolvable(t)
+    for _ in range(_MAX_FIXES):  # estimate too large: the k-th completion is after t
         down = (k > 0) & (s + k * h > t)
         if not down.any():
             break
         k -= down
+    else:
+        raise _unresolvable(t)
     return k.astype(np.int64)
+
+
+# The division's estimate is off by one or two; if it needs more fixes, a worker's start time is
+# so much larger than its gradient time that s + k*h no longer moves with k in float64.
+_MAX_FIXES = 64
+
+
+def _unresolvable(t: float) -> ValueError:
+    return ValueError(f"near time {t:g} a start or communication time is so much larger than a compute time "
+                      "that float64 cannot separate consecutive completions; use times of a similar scale")
 
 
 def _float_bits(t: float) -> int:
@@ -107,6 +137,9 @@ def _first_stop(h: np.ndarray, s: np.ndarray, stop: Callable[[np.ndarray], bool]
     def holds(t: float) -> bool:
         return stop(_counts(t, h, s))
 
+    if not math.isfinite(t_up):
+        raise ValueError("the round does not end in finite float64 time: the worker times times the batch "
+                         "size overflow")
     if not holds(t_up):  # a bug in the caller's bound, not a user error
         raise AssertionError("stop predicate does not hold at the upper bound")
     # Below the first completion every count is 0 and the predicate fails (M >= 1).
@@ -363,10 +396,14 @@ def complexity_table(
     if not (math.isfinite(k_ar) and k_ar >= 0):
         raise ValueError(f"kappa_allreduce must be a finite non-negative number, got {kappa_allreduce!r}")
 
+    if min(eps**2, eps**3.5, eps**4) == 0.0:
+        raise ValueError(f"eps = {eps:g} is too small: eps^4 underflows to 0 in float64")
     L_J, sig_J = L * horizon**2, sigma2 * horizon**3
     K = L_J * delta / eps**2
     S_pg = sig_J * L_J * delta / eps**4
     S_nigt = sig_J * L_J * delta / eps**3.5
+    if not math.isfinite(sig_J / eps**2):
+        raise ValueError("the batch size sigma_J^2/eps^2 overflows float64")
     M_pg = max(1, math.ceil(sig_J / eps**2))
     M_nigt = max(1, math.ceil(sig_J / eps**1.5))
 
@@ -418,4 +455,7 @@ def complexity_table(
 def best_batch_size(eps: float, sigma2: float = 1.0, horizon: float = 1.0, method: str = "nigt") -> int:
     """The theory's batch size: ⌈σ_J²/ε^{3/2}⌉ for NIGT, ⌈σ_J²/ε²⌉ for PG (σ_J² = σ²·H³), at least 1."""
     power = {"nigt": 1.5, "pg": 2.0}[method]
-    return max(1, math.ceil(sigma2 * horizon**3 / eps**power))
+    value = sigma2 * horizon**3 / eps**power
+    if not math.isfinite(value):
+        raise ValueError(f"the batch size sigma_J^2/eps^{power:g} overflows float64")
+    return max(1, math.ceil(value))

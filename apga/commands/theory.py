@@ -7,6 +7,8 @@ import json
 import math
 import sys
 
+import numpy as np
+
 from apga import theory
 from apga.errors import ApgaError
 from apga.shapes import SHAPES, resolve_times
@@ -75,10 +77,16 @@ def add_parser(subparsers) -> None:
     p.set_defaults(run=run)
 
 
+# Beyond this many workers the command would no longer answer in about a second.
+MAX_WORKERS = 100_000
+
+
 def _check(args) -> tuple[list[float], list[float], float, float]:
     """Validate the arguments; return compute times, comm times, allreduce time, horizon."""
     if args.workers < 1:
         raise ApgaError(f"--workers: need at least 1 worker, got {args.workers}")
+    if args.workers > MAX_WORKERS:
+        raise ApgaError(f"--workers: at most {MAX_WORKERS} workers, got {args.workers}")
     if args.dim < 1:
         raise ApgaError(f"--dim: the parameter count must be a positive integer, got {args.dim}")
     h = resolve_times(args.compute_time, args.workers, option="--compute-time", d=args.dim, allow_zero=False)
@@ -93,14 +101,39 @@ def _check(args) -> tuple[list[float], list[float], float, float]:
         raise ApgaError(f"--sigma2: must be a non-negative number, got {args.sigma2:g}")
     if not (0.0 <= args.gamma < 1.0):
         raise ApgaError(f"--gamma: the discount must be in [0, 1), got {args.gamma:g}")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise ApgaError(f"--batch-size: M must be a positive integer, got {args.batch_size}")
+    if args.batch_size is not None and not 1 <= args.batch_size <= theory.MAX_BATCH:
+        raise ApgaError(f"--batch-size: M must be an integer in [1, 2^50], got {args.batch_size}")
     return h, kappa, float(k_ar), 1.0 / (1.0 - args.gamma)
 
 
 def compute(args) -> dict:
-    """Everything the command prints, as plain data (also the --format json output)."""
+    """Everything the command prints, as plain data (also the --format json output). Inputs so
+    extreme that a figure would overflow float64 or not be countable exactly end in one
+    ApgaError, never a hang or a traceback."""
     h, kappa, k_ar, horizon = _check(args)
+    try:
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # infinities are caught below
+            data = _compute(args, h, kappa, k_ar, horizon)
+    except (ValueError, ZeroDivisionError, OverflowError) as exc:
+        raise ApgaError(f"these inputs are out of float64's range: {exc}; use less extreme --eps, --gamma, "
+                        "--sigma2, --L, --delta, --batch-size or worker times") from None
+    if not _all_finite(data):
+        raise ApgaError("a predicted time overflows float64 (it would print as inf); use less extreme --eps, "
+                        "--gamma, --sigma2, --L, --delta or worker times")
+    return data
+
+
+def _all_finite(value) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_all_finite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return all(_all_finite(v) for v in value)
+    return True
+
+
+def _compute(args, h, kappa, k_ar, horizon) -> dict:
     rows = theory.complexity_table(
         h, kappa, k_ar, eps=args.eps, L=args.L, delta=args.delta, sigma2=args.sigma2, horizon=horizon
     )
@@ -109,6 +142,9 @@ def compute(args) -> dict:
     m_nigt = theory.best_batch_size(args.eps, args.sigma2, horizon, "nigt")
     m_pg = theory.best_batch_size(args.eps, args.sigma2, horizon, "pg")
     M = args.batch_size if args.batch_size is not None else m_nigt
+    if M > theory.MAX_BATCH:
+        raise ValueError(f"the theory's batch size ceil(sigma_J^2/eps^1.5) = {M:.3g} is beyond 2^50; "
+                         "give --batch-size")
 
     rounds = {}
     for key in ("sync_nigt", "rennala_nigt", "malenia_nigt"):

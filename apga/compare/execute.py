@@ -57,6 +57,8 @@ def _child_init() -> None:
     """Children ignore Ctrl-C (the terminal sends it to the whole group): the parent stops them."""
     import signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from apga.guards import die_with_parent
+    die_with_parent()  # a parent killed by SIGKILL or SIGHUP takes its workers with it
 
 
 def _stop_children(executor) -> None:

@@ -14,8 +14,10 @@ def build_oracle(cfg):
     except ModuleNotFoundError as exc:
         raise ApgaError(f"env.id {cfg.env.id!r}: the Gymnasium oracle cannot be loaded (missing module "
                         f"{exc.name!r}); reinstall apga, or use env.id: synthetic") from None
-    if cfg.runtime.name == "sim" and cfg.runtime.processes != 1:
-        # Rollouts on every core (0 = one process per core); bit-identical to one process.
-        from apga.oracle.parallel import make_oracle
-        return make_oracle(cfg.env, cfg.policy, cfg.workers.n, cfg.seed, cfg.runtime.processes)
-    return RLOracle(cfg.env, cfg.policy, cfg.workers.n, cfg.seed)
+    from apga.guards import env_construction
+    with env_construction(cfg.env.id):  # any failure to build the environments: one line, exit 2
+        if cfg.runtime.name == "sim" and cfg.runtime.processes != 1:
+            # Rollouts on every core (0 = one process per core); bit-identical to one process.
+            from apga.oracle.parallel import make_oracle
+            return make_oracle(cfg.env, cfg.policy, cfg.workers.n, cfg.seed, cfg.runtime.processes)
+        return RLOracle(cfg.env, cfg.policy, cfg.workers.n, cfg.seed)

@@ -32,6 +32,9 @@ def build_runtime(cfg: Config, oracle):
     if cfg.runtime.name == "sim":
         from apga.runtime.simulator import Simulator
         return Simulator(alg, oracle, times, a.aggregation, a.cancel, cfg.runtime.streams)
+    if cfg.runtime.address:  # Ray starts lazily; a cluster that does not answer is refused now
+        from apga.runtime.ray_session import check_address
+        check_address(cfg.runtime.address)
     try:
         from apga.runtime.ray_runtime import RayRuntime  # noqa: WPS433 (optional dependency)
     except ModuleNotFoundError as exc:

@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from apga.files import AppendLog
+from apga.files import AppendLog, write_whole
 
 COLUMNS = ["time", "iteration", "trajectories", "trajectories_computed", "env_steps", "vector_comms",
            "train_return", "eval_return", "grad_norm", "rejected"]
@@ -91,8 +91,7 @@ class EventLog:
         if self.buf and self.fd is not None:
             data = b"".join(self.buf)
             self.buf = []
-            while data:
-                data = data[os.write(self.fd, data):]
+            write_whole(self.fd, data)  # whole records or none, even on a full disk
 
     def close(self) -> None:
         if self.fd is not None:
@@ -204,12 +203,18 @@ class RunLogger:
                 "timings_bytes": self.timings_log.sync() if self.timings_log is not None else 0}
 
     def close(self) -> None:
+        """Close everything; a flush that fails (a full disk) leaves its file whole and does not
+        stop the others from closing; the first failure is raised at the end."""
         self.progress.close()
-        self.tb.close()
-        self.tb_time.close()
-        self.csv.close()
-        if self.timings_log is not None:
-            self.timings_log.close()
+        failure = None
+        for log in (self.tb, self.tb_time, self.csv, self.timings_log):
+            try:
+                if log is not None:
+                    log.close()
+            except OSError as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
 
 
 def read_metrics(out_dir: str) -> dict[str, np.ndarray]:

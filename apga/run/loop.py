@@ -27,6 +27,7 @@ import yaml
 
 from apga import checkpoint as ckptfile
 from apga import config as cfgmod
+from apga import guards
 from apga.config import Config
 from apga.errors import ApgaError, ConfigError
 from apga.files import atomic_write_text
@@ -73,8 +74,9 @@ class Trainer:
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self, force: bool = False) -> RunResult:
         cfg = self.cfg
-        # Everything that can fail on bad input (oracle, environments, time model, runtime) is
-        # built before the run directory is touched.
+        # Everything that can fail on bad input (memory, oracle, environments, time model,
+        # runtime) is checked or built before the run directory is touched.
+        guards.check_memory(cfg)
         oracle = build_oracle(cfg)
         lock = None
         try:
@@ -83,7 +85,8 @@ class Trainer:
             resolved = cfgmod.to_dict(cfg)
             atomic_write_text(os.path.join(self.out_dir, "config.yaml"), yaml.safe_dump(resolved, sort_keys=False))
             self.state = {"runtime": runtime, "resolved": resolved, "last_eval": None, "wall_offset": 0.0,
-                          "final_eval": None, "best_eval": None, "stalled": 0, "time_step": -1}
+                          "final_eval": None, "best_eval": None, "stalled": 0, "time_step": -1,
+                          "trace_sha256": runtime.times.compute.trace_sha256}  # resume refuses a changed trace
             return self._loop(runtime, oracle, resume_from=None)
         finally:
             oracle.close()
@@ -112,6 +115,7 @@ class Trainer:
         trainer = Trainer(cfg, out_dir, progress)
         ckptfile.refuse_legacy(out_dir)
         if not os.path.exists(ckptfile.path(out_dir)):
+            guards.check_restartable(out_dir)  # a run past its first checkpoint must not be silently re-run
             # Killed before the first checkpoint (written right after row 0): start again.
             return trainer.start(force=True)
         state = trainer._read_checkpoint()  # read-only checks first: a refused resume writes nothing
@@ -123,7 +127,9 @@ class Trainer:
             oracle = build_oracle(cfg)
             try:
                 runtime = state["runtime"]
-                runtime.attach(oracle, build_times(cfg, oracle))
+                times = build_times(cfg, oracle)
+                guards.check_same_trace(state, times)
+                runtime.attach(oracle, times)
                 rundir.clean_temp_files(out_dir)
                 trainer.state = state
                 return trainer._loop(runtime, oracle, resume_from={
@@ -195,11 +201,19 @@ class Trainer:
         except ApgaError as exc:
             self._summary(runtime, "failed", error=str(exc))
             raise
+        except OSError as exc:  # disk full, quota, I/O error: one line, status failed, files whole
+            raise guards.write_failure(self, runtime, exc) from None
         finally:
-            self.log.close()
+            try:
+                self.log.close()
+            except OSError:  # flushing to a full disk: the files stay whole (files.write_whole)
+                pass
             runtime.close()
-        summary = self._summary(runtime, "finished")
-        self._plot()
+        try:
+            summary = self._summary(runtime, "finished")
+            self._plot()
+        except OSError as exc:
+            raise guards.write_failure(self, runtime, exc) from None
         return RunResult(self.out_dir, summary)
 
     def _check_progress(self, runtime: Runtime, event) -> None:
@@ -300,6 +314,7 @@ class Trainer:
         return summary
 
     def _plot(self) -> None:
+        guards.matplotlib_config_dir()  # its cache goes to a private temp folder, not under $HOME
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt

@@ -28,7 +28,11 @@ def lock(out_dir: str) -> int:
     """Take the run directory's lock (flock on DIR/.lock, released by the kernel when the process
     ends, even by SIGKILL): two processes never write one run. Returns the fd to close."""
     import fcntl
-    fd = os.open(os.path.join(out_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(os.path.join(out_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:  # a read-only file system or directory: refused before anything is written
+        raise ApgaError(f"{out_dir!r}: cannot write in the run directory ({exc.strerror}); "
+                        "choose a writable --out") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

@@ -5,7 +5,12 @@ A *local* session (``runtime.address: null``) is a fresh single-node Ray instanc
 - binds every socket of every Ray process to 127.0.0.1 (the node IP is the loopback address:
   Ray would otherwise replace ``127.0.0.1`` by the machine's routable IP and listen on it);
 - starts no dashboard, reports no usage statistics, logs warnings only;
-- keeps all its files (sockets, logs, spill) in a fresh ``tempfile.mkdtemp`` removed at close;
+- keeps all its files (sockets, logs, spill) in a fresh ``tempfile.mkdtemp`` (mode 0700; Ray's
+  own folders inside it are 0777, but unreachable to other users) removed at close; a folder
+  left by a killed driver is removed, with the Ray processes still using it, by a small
+  watchdog process that sees the driver end (``_start_watchdog``), or else at the next local
+  start (``clean_dead_sessions``);
+- takes SIGTERM back from Ray's C++ handler, so that it stops a run like Ctrl-C;
 - writes nothing to ``$HOME``: Ray's token authentication stays on, but with a per-process random
   token passed through the environment (``RAY_AUTH_TOKEN``) instead of ``~/.ray/auth_token``.
 
@@ -69,6 +74,7 @@ class Session:
     owned: bool
     address: str | None
     temp_dir: str | None
+    watchdog: object = None  # subprocess.Popen of the folder's watchdog (local sessions)
 
     def close(self) -> None:
         import ray
@@ -84,14 +90,184 @@ class Session:
             if self.temp_dir:
                 shutil.rmtree(self.temp_dir, ignore_errors=True)
                 self.temp_dir = None
+            if self.watchdog is not None:  # nothing left to clean: let it go
+                watchdog, self.watchdog = self.watchdog, None
+                try:
+                    watchdog.stdin.close()
+                    watchdog.wait(timeout=SHUTDOWN_GRACE)
+                except Exception:  # noqa: BLE001 - it cleans nothing by now; never block the close
+                    pass
+
+
+def _terminate(signum, frame):
+    from apga.errors import Terminated
+    raise Terminated()
+
+
+def _handle_sigterm() -> None:
+    """After ray.init: Ray's C++ failure handler has taken SIGTERM and would print a stack dump
+    and exit 1. Take it back: SIGTERM then stops the run like Ctrl-C (checkpointed, Ray shut
+    down, exit 143). Only the main thread may set handlers; elsewhere Ray's stays."""
+    import signal
+    import threading
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
+
+
+# ----------------------------------------------------------------------------- dead sessions
+TEMP_PREFIX = "apga-ray-"
+OWNER_FILE = "apga-owner"  # "PID START_TICKS" of the driver that made the session
+
+
+def _start_ticks(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, /proc/PID/stat field 22): a pid
+    and its start time name one process, even after the pid is reused."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _write_owner(temp_dir: str) -> None:
+    pid = os.getpid()
+    with open(os.path.join(temp_dir, OWNER_FILE), "w") as f:
+        f.write(f"{pid} {_start_ticks(pid)}\n")
+
+
+def _dead_owner(temp_dir: str) -> bool:
+    try:
+        with open(os.path.join(temp_dir, OWNER_FILE)) as f:
+            pid, ticks = f.read().split()
+    except (OSError, ValueError):
+        return False  # no owner recorded (yet): not ours to judge
+    return _start_ticks(int(pid)) != ticks
+
+
+def clean_dead_sessions(root: str | None = None) -> list[str]:
+    """Remove what a killed apga driver left (SIGKILL runs no cleanup): for each of this user's
+    private ``apga-ray-*`` folders whose recorded driver is gone, kill the Ray processes still
+    using the folder (GCS, raylet, agents, workers), then delete it. Live sessions, other users'
+    folders and folders without an owner record are left alone. Returns the folders removed."""
+    import stat
+    root = root or tempfile.gettempdir()
+    try:
+        names = [n for n in os.listdir(root) if n.startswith(TEMP_PREFIX)]
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        path = os.path.join(root, name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or not _dead_owner(path):
+            continue
+        _cleanup(path)
+        removed.append(path)
+    return removed
+
+
+def _uses(pid: int, cmdline: list, path: str) -> bool:
+    """Whether a process names ``path`` on its command line (GCS, raylet, workers) or holds a
+    file under it open (the agents, whose command line Ray rewrites to ``ray::DashboardAgent``)."""
+    if any(path in arg for arg in cmdline or []):
+        return True
+    prefix = path.rstrip("/") + "/"
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(prefix):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _users_of(path: str) -> list[int]:
+    """This user's processes (other than this one) that use ``path``, read from /proc (stdlib
+    only: the watchdog runs this without Ray's psutil)."""
+    me, uid = os.getpid(), os.getuid()
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == me:
+            continue
+        try:
+            if os.stat(f"/proc/{name}").st_uid != uid:
+                continue
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                cmdline = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if _uses(int(name), cmdline, path):
+            found.append(int(name))
+    return found
+
+
+def _kill_users_of(path: str, grace: float = SHUTDOWN_GRACE) -> None:
+    """SIGKILL this user's processes that use the session folder ``path``, until none is left."""
+    import signal
+    import time
+    deadline = time.monotonic() + grace
+    while True:
+        pids = _users_of(path)
+        if not pids or time.monotonic() > deadline:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        time.sleep(0.05)
+
+
+def _cleanup(temp_dir: str) -> None:
+    _kill_users_of(temp_dir)
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _start_watchdog(temp_dir: str):
+    """A small process that outlives a killed driver: it waits for the end of a pipe from this
+    process (the kernel closes it however the driver ends, SIGKILL included), then kills what
+    still uses the session folder and removes it. Ray's agents would otherwise linger for minutes
+    and the folder forever. It runs in its own session, so Ctrl-C in the terminal does not stop it."""
+    import json
+    import subprocess
+    import sys
+    code = ("import json, sys; sys.path[:0] = json.loads(sys.argv[2]); "
+            "from apga.runtime.ray_session import _watch; _watch(sys.argv[1])")
+    try:
+        return subprocess.Popen([sys.executable, "-c", code, temp_dir, json.dumps(sys.path)],
+                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+    except OSError:
+        return None  # no watchdog: the next local start cleans up instead (clean_dead_sessions)
+
+
+def _watch(temp_dir: str) -> None:
+    import sys
+    sys.stdin.buffer.read()  # returns when the driver is gone (or closed the pipe at its close())
+    if os.path.isdir(temp_dir):
+        _cleanup(temp_dir)
 
 
 def start_local(num_cpus: int | None = None) -> Session:
     """Start a fresh loopback-only single-node Ray instance (see the module docstring)."""
     ray = _import_ray()
     os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
-    temp_dir = tempfile.mkdtemp(prefix="apga-ray-")
+    # Ray makes its temp dir and session folder mode 0777 (no sticky bit). It gets a folder
+    # inside a private 0700 one, so no other user can reach, plant or replace anything there.
+    clean_dead_sessions()
+    temp_dir = tempfile.mkdtemp(prefix=TEMP_PREFIX)
+    watchdog = None
     try:
+        os.chmod(temp_dir, 0o700)
+        _write_owner(temp_dir)
+        watchdog = _start_watchdog(temp_dir)
         with _loopback_node_ip():
             ray.init(
                 num_cpus=num_cpus or os.cpu_count() or 1,
@@ -101,12 +277,43 @@ def start_local(num_cpus: int | None = None) -> Session:
                 logging_level="warning",
                 log_to_driver=False,
                 _node_ip_address=LOOPBACK,
-                _temp_dir=temp_dir,
+                _temp_dir=os.path.join(temp_dir, "ray"),
             )
     except BaseException:
         shutil.rmtree(temp_dir, ignore_errors=True)
+        if watchdog is not None:
+            watchdog.stdin.close()
         raise
-    return Session(True, None, temp_dir)
+    _handle_sigterm()
+    return Session(True, None, temp_dir, watchdog)
+
+
+def check_address(address: str, timeout: float = 5.0) -> None:
+    """Refuse, before a run writes anything, a ``runtime.address`` that nothing answers at:
+    ``ray.init`` would otherwise retry for minutes after the run directory exists."""
+    from apga.errors import ApgaError
+    if address == "auto":  # the cluster `ray start` recorded on this machine: find its address
+        _import_ray()
+        try:
+            from ray._private.services import canonicalize_bootstrap_address
+        except ImportError:  # another Ray version: ray.init will tell
+            return
+        try:
+            address = canonicalize_bootstrap_address("auto")
+        except ConnectionError:
+            raise ApgaError("runtime.address: auto finds no running Ray cluster on this machine; start one with "
+                            "`ray start --head`, or set runtime.address: null for a local run") from None
+        if not address:
+            return
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ApgaError(f"runtime.address: expected HOST:PORT of a running Ray head (ray start --head), got {address!r}")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ApgaError(f"runtime.address: nothing answers at {address!r} ({exc.strerror or exc}); "
+                        "start the head with `ray start --head`, or set runtime.address: null for a local run") from None
 
 
 def join(address: str) -> Session:
@@ -118,6 +325,7 @@ def join(address: str) -> Session:
     host = host.strip("[]")
     if address == "auto":  # the cluster `ray start` recorded on this machine
         ray.init(**kwargs)
+        _handle_sigterm()
         return Session(False, address, None)
     if not host or not port.isdigit():
         raise ApgaError(f"runtime.address: expected HOST:PORT of a running Ray head (ray start --head), got {address!r}")
@@ -144,6 +352,7 @@ def join(address: str) -> Session:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ApgaError(f"runtime.address: cannot join the Ray cluster at {address!r} ({first}); "
                         "start it with `ray start --head`, or set runtime.address: null for a local run") from None
+    _handle_sigterm()
     return Session(False, address, None)
 
 

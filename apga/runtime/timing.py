@@ -20,11 +20,13 @@ simulation can be replayed or resumed from counters alone.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 from typing import Any
 
 from apga import rng
+from apga.config import short_repr
 from apga.errors import ConfigError
 from apga.shapes import resolve_times
 
@@ -64,6 +66,7 @@ class ComputeTime:
         self.n, self.seed = n, seed
         self.kind = "constant"
         self.dist, self.spread, self.segments, self.trace = None, 0.0, [], None
+        self.trace_sha256 = None
         if isinstance(spec, dict) and "dist" in spec:
             extra = set(spec) - {"dist", "mean", "spread"}
             if extra:
@@ -92,7 +95,13 @@ class ComputeTime:
                 self.segments.append((float(until), per_worker_values(seg["times"], n, f"{key}.schedule[{k}].times")))
             self.kind = "schedule"
         elif isinstance(spec, dict) and "trace" in spec:
-            self.kind, self.trace = "trace", load_trace(spec["trace"], n, f"{key}.trace", kinds=("compute",))
+            extra = set(spec) - {"trace"}
+            if extra:  # e.g. scale: it would be silently ignored
+                raise ConfigError(f"{key}: unknown key(s) {sorted(map(str, extra))} beside trace; a trace takes "
+                                  "only its path (scale the seconds in the file itself)")
+            self.kind = "trace"
+            self.trace, self.trace_sha256 = load_trace(spec["trace"], n, f"{key}.trace", kinds=("compute",),
+                                                            with_hash=True)
         else:
             self.means = per_worker_values(spec, n, key)
 
@@ -125,18 +134,24 @@ class ComputeTime:
         return float(g.lognormal(math.log(mean) - s2 / 2, math.sqrt(s2)))
 
 
-def load_trace(path: Any, n: int, key: str, kinds: tuple = ("compute",),
-               every_worker: bool = True) -> list[list[float]]:
+MAX_TRACE_BYTES = 64 << 20  # about 3 million rows
+
+
+def load_trace(path: Any, n: int, key: str, kinds: tuple = ("compute",), every_worker: bool = True,
+               with_hash: bool = False):
     """Per-worker seconds from a CSV trace with columns worker,seconds, in file order. A trace
     with a ``kind`` column (timings.csv of a Ray run: compute | download | upload | allreduce)
-    contributes only its rows of the given ``kinds``."""
+    contributes only its rows of the given ``kinds``. With ``with_hash`` also the sha256 of the
+    bytes read (a run records it, and --resume refuses a trace that changed since)."""
     if not isinstance(path, str):
         raise ConfigError(f"{key}: expected a file path, got {path!r}")
+    from apga.files import read_regular_file
     try:
-        with open(os.path.expanduser(path), newline="") as f:
-            rows = list(csv.DictReader(f))
+        data = read_regular_file(os.path.expanduser(path), MAX_TRACE_BYTES)
+        text = data.decode()
+        rows = list(csv.DictReader(io.StringIO(text, newline="")))
     except OSError as exc:
-        raise ConfigError(f"{key}: cannot read trace file {path!r} ({exc.strerror})") from None
+        raise ConfigError(f"{key}: cannot read trace file {short_repr(path)} ({exc.strerror})") from None
     except (csv.Error, UnicodeDecodeError) as exc:
         raise ConfigError(f"{key}: {path!r} is not a CSV trace ({exc})") from None
     per_worker: list[list[float]] = [[] for _ in range(n)]
@@ -155,7 +170,22 @@ def load_trace(path: Any, n: int, key: str, kinds: tuple = ("compute",),
     missing = [w for w in range(n) if not per_worker[w]]
     if missing and every_worker:
         raise ConfigError(f"{key}: trace {path!r} has no rows for worker(s) {missing[:5]}; give every worker at least one")
+    if with_hash:
+        import hashlib
+        return per_worker, hashlib.sha256(data).hexdigest()
     return per_worker
+
+
+# The longest time any one job, transfer or AllReduce may take (about 31,700 years). The clock
+# adds such times up in float64; 1e308 would overflow to inf after the run directory exists.
+MAX_SECONDS = 1e12
+
+
+def _check_range(values, key: str) -> None:
+    for v in values:
+        if v > MAX_SECONDS:
+            raise ConfigError(f"{key}: {v:g} seconds is more than the {MAX_SECONDS:g} s one step may take; "
+                              "use a smaller time unit for every time in the config")
 
 
 class TimeModel:
@@ -166,6 +196,17 @@ class TimeModel:
         self.compute = ComputeTime(compute_time, n, seed)
         self.comm = per_worker_values(comm_time, n, "workers.comm_time", dim=dim, allow_zero=True)
         self.allreduce = self._allreduce(allreduce_time)
+        key = "workers.compute_time"
+        c = self.compute
+        if c.kind == "schedule":
+            for k, (_, times) in enumerate(c.segments):
+                _check_range(times, f"{key}.schedule[{k}].times")
+        elif c.kind == "trace":
+            _check_range([max(t) for t in c.trace], f"{key}.trace")
+        else:  # constant, or the means of a random model
+            _check_range(c.means, key if c.kind == "constant" else f"{key}.mean")
+        _check_range(self.comm, "workers.comm_time")
+        _check_range([self.allreduce], "workers.allreduce_time")
 
     def _allreduce(self, spec: Any) -> float:
         key = "workers.allreduce_time"
