@@ -470,7 +470,7 @@ def _start_ray_run(tmp_path, out="out", env=None):
 def test_sigterm_on_a_ray_driver_exits_cleanly(tmp_path):
     """SIGTERM used to print Ray's C++ stack dump ("*** SIGTERM received ...") and exit 1."""
     pytest.importorskip("ray")
-    import pickle
+    from apga import statefile
     p = _start_ray_run(tmp_path)
     p.terminate()
     _, err = p.communicate(timeout=120)
@@ -479,8 +479,8 @@ def test_sigterm_on_a_ray_driver_exits_cleanly(tmp_path):
     assert err.strip().splitlines()[-1] == "apga: terminated; continue with `apga train --resume DIR`"
     summary = (tmp_path / "out" / "summary.json").read_text()
     assert '"status": "running"' in summary  # resumable
-    with open(tmp_path / "out" / "checkpoint.pkl", "rb") as f:
-        assert pickle.load(f)["runtime"].totals.iteration >= 5
+    state = statefile.loads((tmp_path / "out" / "checkpoint.npz").read_bytes())
+    assert state["runtime"].totals.iteration >= 5
 
 
 @pytest.fixture
@@ -598,10 +598,10 @@ def test_resume_of_a_run_that_lost_its_checkpoint_is_refused(tmp_path):
     write(tmp_path / "base.yaml", BASE)
     code, _, err, _ = apga(["train", "base.yaml", "--out", "run", "--quiet"], tmp_path)
     assert code == 0, err
-    os.unlink(tmp_path / "run" / "checkpoint.pkl")
+    os.unlink(tmp_path / "run" / "checkpoint.npz")
     before = snapshot(tmp_path / "run")
     code, _, err, _ = apga(["train", "--resume", "run"], tmp_path)
-    check_error(code, err, "checkpoint.pkl is missing", "past its first checkpoint")
+    check_error(code, err, "checkpoint.npz is missing", "past its first checkpoint")
     assert snapshot(tmp_path / "run") == before
 
 
@@ -625,7 +625,7 @@ def test_resume_before_the_first_checkpoint_still_restarts(tmp_path):
 def _whole_records(path) -> int:
     """Number of TFRecords in an event file; fails if the file ends inside a record."""
     import struct
-    from apga.training import _masked_crc32c
+    from apga.run.logger import _masked_crc32c
     data = path.read_bytes()
     pos = count = 0
     while pos < len(data):
@@ -708,7 +708,7 @@ def test_compare_workers_die_with_their_parent(tmp_path, sig):
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     runs = [tmp_path / "out" / "default" / "rennala_nigt" / f"seed{k}" for k in (0, 1)]
     deadline = time.monotonic() + 240
-    while not all((r / "checkpoint.pkl").exists() for r in runs):  # both workers are training
+    while not all((r / "checkpoint.npz").exists() for r in runs):  # both workers are training
         assert time.monotonic() < deadline and p.poll() is None, "the compare runs did not start"
         time.sleep(0.2)
     children = psutil.Process(p.pid).children(recursive=True)
