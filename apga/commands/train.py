@@ -47,9 +47,10 @@ def run(args) -> int:
 
 def _run(args) -> int:
     from apga import config as cfgmod
-    from apga.run import resume, train
 
+    # apga.run imports torch (hundreds of MB): bad input is refused before that
     if args.resume:
+        from apga.run import resume
         if args.config or args.out or args.force:
             raise ApgaError("--resume DIR takes no CONFIG, --out or --force: the run's own config.yaml is used "
                             "(--set budget.KEY=VALUE may change the budget)")
@@ -60,6 +61,7 @@ def _run(args) -> int:
         if not args.out:
             raise ApgaError("--out DIR is required: where to write metrics, checkpoints and plots")
         cfg = cfgmod.load_config(args.config, args.overrides)
+        from apga.run import train
         result = train(cfg, args.out, force=args.force, progress=not args.quiet)
     s = result.summary
     final = s["final_eval_return"]
