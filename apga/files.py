@@ -8,10 +8,8 @@ outside tests.
 from __future__ import annotations
 
 import os
-import pickle
 import tempfile
 import time
-from typing import Any
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -60,10 +58,6 @@ def atomic_write_bytes(path: str, data: bytes, durable: bool = True) -> None:
 
 def atomic_write_text(path: str, text: str, durable: bool = True) -> None:
     atomic_write_bytes(path, text.encode(), durable)
-
-
-def atomic_pickle(path: str, obj: Any) -> None:
-    atomic_write_bytes(path, pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 def write_whole(fd: int, data: bytes) -> None:

@@ -1,4 +1,4 @@
-"""Named shapes of per-worker times (DESIGN §5, §7), shared by `apga theory` and the runtimes.
+"""Named shapes of per-worker times (docs/algorithms.md, the time model, §7), shared by `apga theory` and the runtimes.
 
 A shape turns a worker count n into n positive numbers, worker i = 1..n:
 

@@ -1,4 +1,4 @@
-"""Closed-form and exact time predictions (DESIGN §5, §6). Pure functions: numpy, no torch.
+"""Closed-form and exact time predictions (docs/algorithms.md: the time model and the theory). Pure functions: numpy, no torch.
 
 Two kinds of results live here.
 
@@ -16,7 +16,7 @@ are what the simulator must reproduce to the last bit, so the conventions are sp
   quota :func:`sync_quota` are shared with the simulator so both sides agree on ties;
 * in-flight gradients are cancelled at the stop (``cancel: true``, the default).
 
-**Bounds** of DESIGN §6 (t_R, t_M and the per-method complexity table), which hold up to
+**Bounds** of docs/algorithms.md, the theory (t_R, t_M and the per-method complexity table), which hold up to
 absolute constants only; see :func:`complexity_table` for the convention used for constants.
 """
 from __future__ import annotations
@@ -218,7 +218,7 @@ def round_timing(
     kappa_allreduce: float | None = None,
     aggregation: str = "server",
 ) -> RoundTiming:
-    """The exact timeline of one round (DESIGN §5) for constant times; see :class:`RoundTiming`.
+    """The exact timeline of one round (docs/algorithms.md, the time model) for constant times; see :class:`RoundTiming`.
 
     ``method``: rennala | malenia | sync (the config names rennala_nigt, malenia_nigt, sync_nigt
     are accepted too). ``kappa``: per-worker upload/download time (one number or n). Modes:
@@ -294,7 +294,7 @@ def afedpg_updates_by(
 
 
 # ---------------------------------------------------------------------------------------------
-# Bounds (DESIGN §6): hold up to absolute constants
+# Bounds (docs/algorithms.md, the theory): hold up to absolute constants
 # ---------------------------------------------------------------------------------------------
 
 
@@ -357,7 +357,7 @@ def complexity_table(
     sigma2: float = 1.0,
     horizon: float = 1.0,
 ) -> list[MethodBound]:
-    """Predicted time to an ε-stationary point (E‖∇J‖ <= ε) per method, DESIGN §6.
+    """Predicted time to an ε-stationary point (E‖∇J‖ <= ε) per method, docs/algorithms.md, the theory.
 
     All bounds hold up to absolute constants; only their ratios are meaningful. Convention:
 

@@ -1,4 +1,4 @@
-"""The simulator's clock against the exact formulas of DESIGN 5, and its event-level guarantees."""
+"""The simulator's clock against the exact formulas of docs/algorithms.md, the time model, and its event-level guarantees."""
 from __future__ import annotations
 
 import math

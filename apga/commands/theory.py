@@ -1,4 +1,4 @@
-"""`apga theory`: predicted times of every method from the bounds of DESIGN §6, plus the exact
+"""`apga theory`: predicted times of every method from the bounds of docs/algorithms.md, the theory, plus the exact
 round times (§5) that the simulator must reproduce for the same worker times."""
 from __future__ import annotations
 

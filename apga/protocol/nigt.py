@@ -1,4 +1,4 @@
-"""NIGT in ascent form (DESIGN 2) as small pure functions over flat float64 vectors, and the
+"""NIGT in ascent form (docs/algorithms.md, the methods) as small pure functions over flat float64 vectors, and the
 mixin that makes any round aggregator a NIGT method.
 
     theta_1     = theta_0 + alpha d_0/|d_0|,              d_0 = g(theta_0; M_init)

@@ -118,7 +118,7 @@ class RayRuntime(Runtime):
 
     # ------------------------------------------------------------------ lifecycle
     def attach(self, oracle, times) -> None:
-        """(Re)connect the non-picklable parts, e.g. after loading a checkpoint. Ray (re)starts at
+        """(Re)connect the parts that are not run state, e.g. after loading a checkpoint. Ray (re)starts at
         the next step; per-gradient jobs in flight at the checkpoint are not restored."""
         self.oracle, self.times = oracle, times
         if self.oracle_factory is None:

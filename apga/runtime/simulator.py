@@ -14,7 +14,8 @@ Timelines (docs/algorithms.md, "The time model"):
   the stop;
 - per gradient: gradient done -> upload comm[i] -> server step on arrival -> new point after comm[i].
 
-The whole object except oracle and time model is plain data, so pickling it is a checkpoint.
+The whole object except oracle and time model is plain data, so its state is the checkpoint
+(apga/statefile.py).
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ class Simulator(Runtime):
         self.attach(oracle, times)
 
     def attach(self, oracle: Oracle, times: TimeModel) -> None:
-        """(Re)connect the non-picklable parts, e.g. after loading a checkpoint."""
+        """(Re)connect the parts that are not run state, e.g. after loading a checkpoint."""
         self.oracle, self.times = oracle, times
 
     def __getstate__(self):

@@ -1,4 +1,4 @@
-"""The simulator's clock model (DESIGN 5): seconds per gradient and per vector transfer.
+"""The simulator's clock model (docs/algorithms.md, the time model): seconds per gradient and per vector transfer.
 
 Compute time of job j of worker i is a pure function of (seed, i, j, start time), so a
 simulation can be replayed or resumed from counters alone.
