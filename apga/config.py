@@ -512,3 +512,20 @@ def validate(cfg: Config) -> None:
     _require(cfg.eval.episodes >= 1, "eval.episodes", f"must be >= 1, got {cfg.eval.episodes}")
     _require(cfg.checkpoint.every >= 1, "checkpoint.every",
              f"must be >= 1 (updates between checkpoints), got {cfg.checkpoint.every}")
+    _check_parsed_specs(cfg)
+
+
+def _check_parsed_specs(cfg: Config) -> None:
+    """The specs that have a parser of their own are checked here too, so that every check on a
+    config's values happens when the config is read: the time model (apga/runtime/timing.py; the
+    policy size only scales sqrt_d, so 1 stands in for it) and the synthetic oracle's options.
+    What needs a built environment (its spaces, its model) is checked when it is built, still
+    before anything is written."""
+    from apga.guards import check_memory
+    from apga.runtime.timing import TimeModel
+    check_memory(cfg)  # first: absurd sizes are refused before anything of that size is made
+    w = cfg.workers
+    TimeModel(w.compute_time, w.comm_time, w.allreduce_time, w.n, 1, cfg.seed)
+    if cfg.env.id == "synthetic":
+        from apga.oracle.synthetic import check_options
+        check_options(cfg.env.kwargs)

@@ -43,10 +43,7 @@ class SyntheticOracle(Oracle):
 
     @classmethod
     def from_kwargs(cls, n_workers: int, seed: int, kwargs: dict) -> "SyntheticOracle":
-        for key in kwargs:
-            if key not in OPTIONS:
-                raise ConfigError(f"env.kwargs: unknown synthetic option {key!r}{did_you_mean(str(key), OPTIONS)}; "
-                                  f"known: {', '.join(OPTIONS)}")
+        check_options(kwargs)  # already checked with the config; kept for direct callers
         return cls(n_workers, seed, **{**OPTIONS, **kwargs})
 
     def initial_point(self) -> np.ndarray:
@@ -80,3 +77,11 @@ class SyntheticOracle(Oracle):
 
     def evaluate(self, point: np.ndarray, episodes: int, key: int, deterministic: bool = True) -> float:
         return float(np.mean([self.objective(point, w) for w in range(self.n_workers)]))
+
+
+def check_options(kwargs: dict) -> None:
+    """env.kwargs of env.id: synthetic: only the known options (one line naming the key)."""
+    for key in kwargs:
+        if key not in OPTIONS:
+            raise ConfigError(f"env.kwargs: unknown synthetic option {key!r}{did_you_mean(str(key), OPTIONS)}; "
+                              f"known: {', '.join(OPTIONS)}")

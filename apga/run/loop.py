@@ -74,9 +74,9 @@ class Trainer:
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self, force: bool = False) -> RunResult:
         cfg = self.cfg
-        # Everything that can fail on bad input (memory, oracle, environments, time model,
-        # runtime) is checked or built before the run directory is touched.
-        guards.check_memory(cfg)
+        # Everything that can fail on bad input (the config's checks, memory included, ran when
+        # it was read; then the oracle, environments and runtime) is built before the run
+        # directory is touched.
         oracle = build_oracle(cfg)
         lock = None
         try:
