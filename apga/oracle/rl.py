@@ -67,7 +67,7 @@ class RLOracle(Oracle):
     breaks the exact unbiasedness of the estimator (and the chunk-independence of results).
     """
 
-    def __init__(self, env: EnvConfig, policy: PolicyConfig, n_workers: int, seed: int):
+    def __init__(self, env: EnvConfig, policy: PolicyConfig, n_workers: int, seed: int, threads: int = 1):
         if int(n_workers) < 1:
             raise ConfigError(f"workers.n: must be >= 1, got {n_workers}")
         if int(env.horizon) < 1:
@@ -93,6 +93,9 @@ class RLOracle(Oracle):
         for w, k in enumerate(self.keys):
             self._rep.setdefault(k, w)
         self._envs: dict[tuple, list] = {}  # env_key -> reusable env instances (one per batch slot)
+        self._steppers: dict[tuple, object] = {}  # env_key -> its fast_mujoco.BatchStepper (or None)
+        # Threads of a MuJoCo batch's physics (never changes a result: see fast_mujoco).
+        self.threads = max(1, int(threads))
         spaces_seen = {}
         for k, w in self._rep.items():
             e = self._env_slots(k, 1)[0]
@@ -107,7 +110,7 @@ class RLOracle(Oracle):
         self.spec = policies.make_spec(obs_space, act_space, policy.hidden, policy.init_std)
         self.dim = self.spec.dim
         self._gamma_pow = self.gamma ** np.arange(self.horizon, dtype=np.float64)
-        # Exact fast stepping of MuJoCo v5 locomotion envs (apga.oracle.fast_mujoco); False (or
+        # Exact batched stepping of MuJoCo v5 envs (apga.oracle.fast_mujoco); False (or
         # APGA_NO_FAST_STEP=1) forces env.step. Results are identical either way.
         self.fast_step = True
 
@@ -186,7 +189,12 @@ class RLOracle(Oracle):
             mean_of_key[k] = float(allt.mean()) if allt.size else float("nan")
         return float(np.mean([mean_of_key[k] for k in self.keys]))
 
+    def batched(self, worker: int = 0) -> bool:
+        """Whether worker ``worker``'s trajectories are stepped on a MuJoCo batch (else env.step)."""
+        return self.fast_step and fast_mujoco.covered(self._env_slots(self.keys[worker], 1)[0], self.horizon)
+
     def close(self) -> None:
+        self._steppers.clear()
         for slots in self._envs.values():
             for e in slots:
                 e.close()
@@ -300,6 +308,15 @@ class RLOracle(Oracle):
             slots.append(make_env(self.env_cfg, self._rep[key]))
         return slots
 
+    def _stepper(self, key: tuple, n: int):
+        """The key's BatchStepper with at least n simulations (rebuilt when too small), or None."""
+        st = self._steppers.get(key, False)
+        if st is None or (st and st.nsim >= n and st.threads == self.threads):
+            return st
+        st = fast_mujoco.make_stepper(self._env_slots(key, 1)[0], self.horizon, n, self.threads)
+        self._steppers[key] = st
+        return st
+
     def _weights(self, rewards: np.ndarray) -> np.ndarray:
         """GPOMDP weights: discounted reward-to-go sum_{h>=t} gamma^h r_h (rewards are 0 after the end)."""
         disc = rewards * self._gamma_pow
@@ -332,7 +349,8 @@ class RLOracle(Oracle):
         ``params``: the point shared by all trajectories, or a RowParams with one point per trajectory.
         """
         spec, H, B = self.spec, self.horizon, len(streams)
-        envs = self._env_slots(key, B)
+        fast = self._stepper(key, B) if self.fast_step else None
+        envs = self._env_slots(key, 1 if fast is not None else B)
         seeds = [int(s.integers(0, SEED_HIGH)) for s in streams]
         noise = None
         if not greedy:
@@ -344,12 +362,14 @@ class RLOracle(Oracle):
         rewards = np.zeros((B, H))
         lengths = np.zeros(B, dtype=np.int64)
         obs = np.empty((B, spec.obs_dim))
-        for b in range(B):
-            obs[b] = envs[b].reset(seed=seeds[b])[0]
+        if fast is not None:
+            obs[:] = fast.reset(range(B), seeds)
+        else:
+            for b in range(B):
+                obs[b] = envs[b].reset(seed=seeds[b])[0]
         bad = ~np.isfinite(obs).all(axis=1)
         alive = np.flatnonzero(~bad)
         discrete = spec.kind == "categorical"
-        fast = fast_mujoco.make_stepper(envs[:B], H) if self.fast_step else None
         per_row = isinstance(params, policies.RowParams)
         if not per_row:
             params = policies.Prepared(spec, params)
@@ -372,7 +392,7 @@ class RLOracle(Oracle):
                 obs_buf[sel, t] = o
                 samp_buf[sel, t] = stored
             if fast is not None:
-                o2, r, done = fast.step(alive.tolist(), actions)
+                o2, r, done = fast.step(alive, actions)
                 obs[sel] = o2
             else:
                 actions = actions.tolist() if discrete else list(actions)
