@@ -77,11 +77,6 @@ def _run_unit(oracle, unit):
     if kind == "eval":
         _, point, tasks, key, deterministic = unit
         return [oracle.eval_task(point, t, key, deterministic) for t in tasks]
-    if kind == "call":  # ("call", "module:function", args): function(oracle, *args), e.g. a benchmark
-        import importlib
-
-        module, _, name = unit[1].partition(":")
-        return getattr(importlib.import_module(module), name)(oracle, *unit[2])
     raise ValueError(f"unknown unit kind {kind!r}")
 
 
@@ -412,10 +407,11 @@ class ParallelOracle(Oracle):
     docstring. ``processes``: as runtime.processes (0 = one per core); 1 builds no pool.
     """
 
-    def __init__(self, env, policy, n_workers: int, seed: int, processes: int = 0):
+    def __init__(self, env, policy, n_workers: int, seed: int, processes: int = 0, local=None):
         from apga.oracle.rl import RLOracle
 
-        self.local = RLOracle(env, policy, n_workers, seed)  # validates the configs first
+        # ``local``: this process's RLOracle of the same configs, if the caller has built it
+        self.local = local if local is not None else RLOracle(env, policy, n_workers, seed)
         self.dim, self.n_workers = self.local.dim, self.local.n_workers
         self.processes = resolve_processes(processes)
         self.pool = None
@@ -458,18 +454,6 @@ class ParallelOracle(Oracle):
         out = self.pool.run([("eval", point, [tasks[i] for i in g], key, deterministic) for g in groups])
         return local.eval_combine(tasks, [t for unit in out for t in unit])
 
-    def run_everywhere(self, function: str, args_per_process: Sequence[tuple]) -> list:
-        """``function(oracle, *args)`` once per process, all at the same time (``function`` is
-        "module:name", importable by every process; one args tuple per process). For
-        measurements such as the all-core physics rate of ``apga bench``."""
-        if len(args_per_process) != self.processes:
-            raise ValueError(f"need {self.processes} argument tuples, got {len(args_per_process)}")
-        units = [("call", function, tuple(a)) for a in args_per_process]
-        if self.pool is None:
-            return [_run_unit(self.local, u) for u in units]
-        self.pool.wait_ready()
-        return self.pool.run(units)
-
     def wait_ready(self) -> None:
         """Block until the rollout processes are up (they start in the background)."""
         if self.pool is not None:
@@ -489,9 +473,20 @@ class ParallelOracle(Oracle):
 
 
 def make_oracle(env, policy, n_workers: int, seed: int, processes: int = 1):
-    """RLOracle for one process, ParallelOracle otherwise (runtime.processes semantics)."""
-    if resolve_processes(processes) == 1:
-        from apga.oracle.rl import RLOracle
+    """The oracle for runtime.processes = ``processes`` cores (0 = all), bit-identical for any count.
 
-        return RLOracle(env, policy, n_workers, seed)
-    return ParallelOracle(env, policy, n_workers, seed, processes)
+    MuJoCo envs that :mod:`apga.oracle.fast_mujoco` covers run in this process, their physics on
+    a ``mujoco.batch.Batch`` with one thread per core; every other env gets a ParallelOracle
+    (one process per core) when more than one core is asked for.
+    """
+    from apga.oracle.rl import RLOracle
+
+    cores = resolve_processes(processes)
+    local = RLOracle(env, policy, n_workers, seed, threads=cores)
+    if cores == 1 or all(local.batched(w) for w in range(local.n_workers)):
+        return local
+    try:
+        return ParallelOracle(env, policy, n_workers, seed, cores, local=local)
+    except BaseException:
+        local.close()
+        raise
