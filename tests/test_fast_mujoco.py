@@ -122,3 +122,28 @@ def test_oracle_gradients_identical_with_and_without_fast_step(env_id):
         for w in want:
             assert np.array_equal(got[w].grad_sum, want[w].grad_sum)
             assert np.array_equal(got[w].returns, want[w].returns)
+
+
+@pytest.mark.parametrize("name", ["rennala_nigt", "afedpg"])
+def test_training_is_identical_on_1_and_2_cores(tmp_path, name):
+    """runtime.processes on a covered MuJoCo env = the batch's threads, in one process: same bits."""
+    import apga.training as train_mod
+    from apga import config as cfgmod
+    from apga.oracle.parallel import ParallelOracle
+
+    texts = []
+    for processes in (1, 2):
+        cfg = cfgmod.load_config({
+            "seed": 2, "env": {"id": "Hopper-v5", "horizon": 40},
+            "policy": {"hidden": [16, 16], "rollout_batch": 3},
+            "algorithm": {"name": name, "batch_size": 6, "step_size": 0.05},
+            "workers": {"n": 3, "compute_time": "sqrt"}, "runtime": {"processes": processes},
+            "budget": {"iterations": 4 if name != "afedpg" else 10}, "eval": {"every": 2, "episodes": 2},
+        })
+        oracle = train_mod.build_oracle(cfg)
+        assert isinstance(oracle, RLOracle) and not isinstance(oracle, ParallelOracle)
+        assert oracle.threads == processes and oracle.batched()
+        oracle.close()
+        train_mod.train(cfg, str(tmp_path / f"p{processes}"), progress=False)
+        texts.append((tmp_path / f"p{processes}" / "metrics.csv").read_text())
+    assert texts[0] == texts[1] and texts[0].count("\n") > 4
