@@ -151,6 +151,7 @@ class BatchStepper:
         self.frame_skip = int(core.frame_skip)
         self.dt = core.dt  # a Python float, as the env's property computes it
         self.persistent = kind in NEEDS_CFRC_EXT
+        self.worker = None  # background thread of submit(), made on first use
         self.batch = Batch(model, nsim=nsim, nthread=threads, persistent=self.persistent)
         b = self.batch
         self.state = b.state
@@ -211,18 +212,56 @@ class BatchStepper:
 
     # ------------------------------------------------------------------ stepping
     def step(self, rows, actions: np.ndarray):
+        """Step ``rows`` and return ``(obs, rewards, terminated)`` (physics on this thread)."""
+        rows, a, x_before = self._prepare(rows, actions)
+        return self._observe(rows, a, x_before, self._physics(rows))
+
+    def submit(self, rows, actions: np.ndarray):
+        """Start stepping ``rows`` in the background; :meth:`collect` returns what :meth:`step`
+        would. One background thread runs the batch's calls in order, so rows stepped by two
+        jobs in flight must be disjoint."""
+        if self.worker is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.worker = ThreadPoolExecutor(1, thread_name_prefix="apga-mujoco-batch")
+        rows, a, x_before = self._prepare(rows, actions)
+        return rows, a, x_before, self.worker.submit(self._physics, rows)
+
+    def collect(self, job):
+        rows, a, x_before, future = job
+        return self._observe(rows, a, x_before, future.result())
+
+    @staticmethod
+    def wait(job) -> None:
+        """Wait for a job's physics to end, whatever its outcome (after an error elsewhere)."""
+        try:
+            job[3].result()
+        except BaseException:
+            pass
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.worker.shutdown(wait=True)
+            self.worker = None
+
+    def _prepare(self, rows, actions):
         rows = np.asarray(rows, dtype=np.int32)
-        full = len(rows) == self.nsim
-        sel = slice(None) if full else rows
         a = np.ascontiguousarray(actions, dtype=np.float64)
         if self.act_sign < 0:
             a = -a  # what the core env receives (ActionSign: -np.asarray(action))
-        self.ctrl[sel] = a
+        self.ctrl[rows] = a
+        x_before = self.qpos[rows, 0] if self.kind in ("hopper", "walker2d", "half_cheetah", "swimmer") else None
+        return rows, a, x_before
+
+    def _physics(self, rows):
+        """mj_step(nstep=frame_skip) on ``rows``, and their cfrc_ext where the env reads it."""
+        self.batch.step(None if len(rows) == self.nsim else rows, nstep=self.frame_skip)
+        return self._cfrc_ext(rows) if self.persistent else None
+
+    def _observe(self, rows, a, x_before, cfrc):
         kind = self.kind
-        x_before = self.qpos[sel, 0] if kind in ("hopper", "walker2d", "half_cheetah", "swimmer") else None
-        if kind in ("hopper", "walker2d", "half_cheetah", "swimmer"):
-            x_before = x_before.copy()
-        self.batch.step(None if full else rows, nstep=self.frame_skip)
+        full = len(rows) == self.nsim
+        sel = slice(None) if full else rows
         qpos, qvel = self.qpos[sel], self.qvel[sel]
         if full:
             qpos, qvel = qpos.copy(), qvel.copy()
@@ -238,7 +277,6 @@ class BatchStepper:
             obs = np.concatenate((qpos[:, 2:] if self.exclude else qpos, qvel), axis=1)
             term = np.zeros(len(rows), dtype=bool)
         elif kind in ("ant", "humanoid"):
-            cfrc = self._cfrc_ext(rows)
             if kind == "ant":
                 obs, reward, term = self._ant(sel, qpos, qvel, cfrc, a)
             else:

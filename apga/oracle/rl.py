@@ -194,6 +194,9 @@ class RLOracle(Oracle):
         return self.fast_step and fast_mujoco.covered(self._env_slots(self.keys[worker], 1)[0], self.horizon)
 
     def close(self) -> None:
+        for st in self._steppers.values():
+            if st is not None:
+                st.close()
         self._steppers.clear()
         for slots in self._envs.values():
             for e in slots:
@@ -313,6 +316,8 @@ class RLOracle(Oracle):
         st = self._steppers.get(key, False)
         if st is None or (st and st.nsim >= n and st.threads == self.threads):
             return st
+        if st:
+            st.close()
         st = fast_mujoco.make_stepper(self._env_slots(key, 1)[0], self.horizon, n, self.threads)
         self._steppers[key] = st
         return st
@@ -373,6 +378,11 @@ class RLOracle(Oracle):
         per_row = isinstance(params, policies.RowParams)
         if not per_row:
             params = policies.Prepared(spec, params)
+        if fast is not None and self.threads > 1 and B > 1:
+            lanes = (alive[alive < B // 2], alive[alive >= B // 2])
+            self._lanes(fast, lanes, params, per_row, noise, obs, obs_buf, samp_buf, rewards, lengths, bad, greedy,
+                        should_stop)
+            return Rollout(obs_buf, samp_buf, rewards, lengths, bad)
         live_params, live_rows = params, None
         for t in range(H):
             if alive.size == 0:
@@ -410,3 +420,56 @@ class RLOracle(Oracle):
                 rewards[alive[broken]] = 0.0
             alive = alive[~(done | broken)]
         return Rollout(obs_buf, samp_buf, rewards, lengths, bad)
+
+    def _lanes(self, fast, lanes, params, per_row, noise, obs, obs_buf, samp_buf, rewards, lengths, bad, greedy,
+               should_stop) -> None:
+        """The loop of :meth:`_rollout` on a MuJoCo batch with two lanes of rows in turn: while one
+        lane's physics runs (on the batch's threads, the GIL released), this thread computes the
+        other lane's policy, observations and rewards. Each row goes through exactly the steps
+        of the one-lane loop (rows are independent), so the result is the same, bit for bit."""
+        spec, H = self.spec, self.horizon
+        state = [{"alive": rows, "t": 0, "rows": None, "params": params, "job": None} for rows in lanes]
+
+        def launch(lane) -> None:  # policy step of the lane, then its physics in the background
+            alive, t = lane["alive"], lane["t"]
+            lane["job"] = None
+            if alive.size == 0 or t >= H:
+                return
+            if should_stop is not None and should_stop():
+                raise Cancelled()  # a real runtime abandons the trajectory within one env step
+            if per_row and (lane["rows"] is None or not np.array_equal(lane["rows"], alive)):
+                lane["rows"], lane["params"] = alive, params.take(alive)
+            o = obs[alive]
+            if greedy:
+                actions = policies.greedy_action(spec, lane["params"], o)
+            else:
+                stored, actions = policies.sample(spec, lane["params"], o, noise[alive, t])
+            if obs_buf is not None:
+                obs_buf[alive, t] = o
+                samp_buf[alive, t] = stored
+            lane["job"] = fast.submit(alive, actions)
+
+        def land(lane) -> None:  # the lane's step results
+            alive, t = lane["alive"], lane["t"]
+            o2, r, done = fast.collect(lane["job"])
+            obs[alive] = o2
+            rewards[alive, t] = r
+            lengths[alive] = t + 1
+            broken = ~(np.isfinite(r) & np.isfinite(o2).all(axis=1))
+            if broken.any():  # stop a broken trajectory at once; its rewards must not reach the weights
+                bad[alive[broken]] = True
+                rewards[alive[broken]] = 0.0
+            lane["alive"], lane["t"] = alive[~(done | broken)], t + 1
+
+        try:
+            for lane in state:
+                launch(lane)
+            while any(lane["job"] is not None for lane in state):
+                for lane in state:
+                    if lane["job"] is not None:
+                        land(lane)
+                        launch(lane)
+        finally:
+            for lane in state:  # never leave physics running on the batch (Cancelled, errors)
+                if lane["job"] is not None:
+                    fast.wait(lane["job"])
