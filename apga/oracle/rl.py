@@ -26,9 +26,12 @@ its own parameter vector (:class:`apga.oracle.policies.RowParams`), and each tas
 then computed from its own rows exactly as :meth:`RLOracle.run_chunk` would, so every task's
 result is bit-identical to running it alone.
 
-Stepping: MuJoCo v5 Hopper / Walker2d / HalfCheetah / Reacher envs are stepped by
-:mod:`apga.oracle.fast_mujoco` (direct ``mj_step`` + vectorised observations and rewards,
-bit-identical to ``env.step``); every other env goes through ``env.step``.
+Stepping: the MuJoCo v5 tasks that :mod:`apga.oracle.fast_mujoco` covers (Hopper, Walker2d,
+HalfCheetah, Reacher, Swimmer, InvertedPendulum, Ant, Humanoid) run a rollout as the simulations
+of one ``mujoco.batch.Batch`` (physics on ``threads`` threads, observations and rewards
+vectorised, bit-identical to ``env.step`` at any thread count); with more than one thread the
+rows go in two lanes, one lane's policy computed while the other's physics runs. Every other
+env goes through ``env.step``, one env per trajectory.
 """
 from __future__ import annotations
 
@@ -59,8 +62,9 @@ class Rollout:
 class RLOracle(Oracle):
     """GPOMDP gradients of a Gaussian / categorical MLP policy on per-worker Gymnasium envs.
 
-    ``RLOracle(env, policy, n_workers, seed)``: ``env`` and ``policy`` are the config sections,
-    ``seed`` the run seed (initial point, trajectories and evaluation streams derive from it).
+    ``RLOracle(env, policy, n_workers, seed, threads=1)``: ``env`` and ``policy`` are the config
+    sections, ``seed`` the run seed (initial point, trajectories and evaluation streams derive
+    from it), ``threads`` the physics threads of a MuJoCo batch (never changes a result).
 
     ``policy.baseline`` and ``policy.normalize_returns`` are outside the theory: both make a
     trajectory's weights depend on the other trajectories of its (chunk, worker) batch, which
