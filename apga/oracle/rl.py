@@ -49,6 +49,7 @@ from apga.oracle.envs import env_key, make_env, worker_settings
 
 SEED_HIGH = 2**31 - 1  # env.reset seeds are drawn in [0, SEED_HIGH)
 EVAL_JOB_STRIDE = 2**32  # evaluation stream job index = key * EVAL_JOB_STRIDE + episode
+BATCH_PACK = 64  # trajectories a MuJoCo batch may roll out together, whatever rollout_batch (same bits)
 
 
 class Rollout:
@@ -98,6 +99,7 @@ class RLOracle(Oracle):
             self._rep.setdefault(k, w)
         self._envs: dict[tuple, list] = {}  # env_key -> reusable env instances (one per batch slot)
         self._steppers: dict[tuple, object] = {}  # env_key -> its fast_mujoco.BatchStepper (or None)
+        self._covered: dict[tuple, bool] = {}  # env_key -> whether fast_mujoco covers its env
         # Threads of a MuJoCo batch's physics (never changes a result: see fast_mujoco).
         self.threads = max(1, int(threads))
         spaces_seen = {}
@@ -125,7 +127,7 @@ class RLOracle(Oracle):
     def gradients(self, point: np.ndarray, jobs: Sequence[Job],
                   should_stop: Callable[[], bool] | None = None) -> dict[int, WorkerBatch]:
         point = self._check_point(point)
-        return self.combine(jobs, [self.run_tasks([(point, chunk)], should_stop)[0] for chunk in self.plan(jobs)])
+        return self.combine(jobs, self.run_tasks([(point, chunk) for chunk in self.plan(jobs)], should_stop))
 
     def gradients_many(
         self, requests: Sequence[tuple[np.ndarray, Sequence[Job]]]
@@ -195,7 +197,10 @@ class RLOracle(Oracle):
 
     def batched(self, worker: int = 0) -> bool:
         """Whether worker ``worker``'s trajectories are stepped on a MuJoCo batch (else env.step)."""
-        return self.fast_step and fast_mujoco.covered(self._env_slots(self.keys[worker], 1)[0], self.horizon)
+        key = self.keys[worker]
+        if key not in self._covered:
+            self._covered[key] = fast_mujoco.covered(self._env_slots(key, 1)[0], self.horizon)
+        return self.fast_step and self._covered[key]
 
     def close(self) -> None:
         for st in self._steppers.values():
@@ -234,7 +239,8 @@ class RLOracle(Oracle):
                   should_stop: Callable[[], bool] | None = None) -> list[dict[int, WorkerBatch]]:
         """``[run_chunk(point, chunk) for point, chunk in tasks]``, bit for bit, but with the
         trajectories of consecutive tasks that share an env_key rolled out together (each with
-        its own point) in batches of up to max(rollout_batch, chunk length) trajectories."""
+        its own point) in batches of up to max(rollout_batch, chunk length) trajectories (at least
+        BATCH_PACK on a MuJoCo batch, where more simulations per step cost less per step)."""
         results: list = [None] * len(tasks)
         groups: dict[tuple, list[int]] = {}
         for i, (_, chunk) in enumerate(tasks):
@@ -244,9 +250,10 @@ class RLOracle(Oracle):
         for key, idx in groups.items():
             pack: list[int] = []
             size = 0
+            least = BATCH_PACK if self.batched(self._rep[key]) else 1
             for i in idx + [None]:
                 n = len(tasks[i][1]) if i is not None else 0
-                if pack and (i is None or size + n > max(self.rollout_batch, len(tasks[pack[0]][1]))):
+                if pack and (i is None or size + n > max(self.rollout_batch, len(tasks[pack[0]][1]), least)):
                     self._run_pack(key, [tasks[p] for p in pack], pack, results, should_stop)
                     pack, size = [], 0
                 if i is not None:
