@@ -325,7 +325,7 @@ class BatchStepper:
         reward = forward + healthy * self.healthy_reward
         reward -= ctrl_cost
         term = ~healthy if self.terminate else np.zeros(len(qpos), dtype=bool)
-        vel = np.clip(qvel, -10, 10)
+        vel = np.minimum(np.maximum(qvel, -10.0), 10.0)  # np.clip(qvel, -10, 10), without its wrapper
         obs = np.concatenate((qpos[:, 1:] if self.exclude else qpos, vel), axis=1)
         return obs, reward, term
 
