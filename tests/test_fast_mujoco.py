@@ -1,4 +1,4 @@
-"""The fast MuJoCo step path reproduces Gymnasium's envs bit for bit (full trajectories)."""
+"""The batched MuJoCo step path reproduces Gymnasium's envs bit for bit (full trajectories)."""
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -19,32 +19,44 @@ CASES = [
     ("HalfCheetah-v5", {}, {"obs_sign": -1, "friction_scale": 0.7, "gravity": [0, 0, -5.0]}),
     ("Reacher-v5", {}, {}),
     ("Reacher-v5", {}, {"action_sign": -1, "obs_sign": -1}),
+    ("Swimmer-v5", {}, {}),
+    ("Swimmer-v5", {"exclude_current_positions_from_observation": False}, {"mass_scale": 0.8}),
+    ("InvertedPendulum-v5", {}, {}),
+    ("Ant-v5", {}, {}),
+    ("Ant-v5", {"include_cfrc_ext_in_observation": False, "healthy_z_range": [0.3, 1.0]},
+     {"friction_scale": 1.5, "action_sign": -1}),
+    ("Humanoid-v5", {}, {}),
+    ("Humanoid-v5", {"include_cinert_in_observation": False, "terminate_when_unhealthy": False},
+     {"gravity": [0, 0, -7.0], "mass_scale": 1.2, "obs_sign": -1}),
 ]
+HORIZON = {"Humanoid-v5": 120, "Ant-v5": 150}
 
 
-def _pair(env_id, kwargs, per_worker, invert, worker, horizon):
+def _envs(env_id, kwargs, per_worker, invert, worker, horizon, n):
     cfg = EnvConfig(id=env_id, horizon=horizon, kwargs=dict(kwargs), invert_obs=invert,
                     per_worker=[dict(per_worker)] * (worker + 1))
-    return make_env(cfg, worker), make_env(cfg, worker)
+    return [make_env(cfg, worker) for _ in range(n)]
 
 
 @pytest.mark.parametrize("env_id,kwargs,per_worker", CASES)
-@pytest.mark.parametrize("invert,worker", [(False, 0), (True, 1)])
-def test_fast_step_reproduces_gymnasium_trajectories(env_id, kwargs, per_worker, invert, worker):
-    horizon, batch = 200, 2
-    refs, fasts = zip(*(_pair(env_id, kwargs, per_worker, invert, worker, horizon) for _ in range(batch)))
-    stepper = fast_mujoco.make_stepper(list(fasts), horizon)
+@pytest.mark.parametrize("invert,worker,threads", [(False, 0, 1), (True, 1, 2)])
+def test_batch_step_reproduces_gymnasium_trajectories(env_id, kwargs, per_worker, invert, worker, threads):
+    horizon, batch = HORIZON.get(env_id, 200), 3
+    refs = _envs(env_id, kwargs, per_worker, invert, worker, horizon, batch)
+    (env,) = _envs(env_id, kwargs, per_worker, invert, worker, horizon, 1)
+    stepper = fast_mujoco.make_stepper(env, horizon, batch + 1, threads)  # one simulation never used
     assert stepper is not None
     rng = np.random.default_rng(7)
     low, high = refs[0].action_space.low.astype(np.float64), refs[0].action_space.high.astype(np.float64)
+    first = stepper.reset(range(batch), [100 + b for b in range(batch)])
     for b in range(batch):
-        o_ref = refs[b].reset(seed=100 + b)[0]
-        o_fast = fasts[b].reset(seed=100 + b)[0]
-        assert np.array_equal(o_ref, o_fast)
+        assert np.array_equal(first[b], refs[b].reset(seed=100 + b)[0])
     resets = [0] * batch
     alive = list(range(batch))
     steps = terms = 0
     for t in range(horizon):
+        if t == horizon // 3:
+            alive = alive[1:]  # unequal lengths: row 0 stops early, the others go on
         # bounded actions, some pushed past the box (MuJoCo clamps ctrl; both paths alike)
         actions = rng.uniform(1.2 * low, 1.2 * high, size=(len(alive), len(low)))
         obs, rew, term = stepper.step(alive, actions)
@@ -56,31 +68,45 @@ def test_fast_step_reproduces_gymnasium_trajectories(env_id, kwargs, per_worker,
             assert bool(term[k]) == te, (t, b)
             steps += 1
             terms += te
-            if te:  # start a new episode in both (the fast path continues from env.reset)
+            if te:  # a new episode in that row only, in both
                 resets[b] += 1
                 seed = 1000 * resets[b] + b
-                assert np.array_equal(refs[b].reset(seed=seed)[0], fasts[b].reset(seed=seed)[0])
-    assert steps == horizon * batch
-    if env_id.startswith(("Hopper", "Walker")) and kwargs.get("terminate_when_unhealthy", True):
+                assert np.array_equal(stepper.reset([b], [seed])[0], refs[b].reset(seed=seed)[0])
+    assert steps > horizon * (batch - 1)
+    if env_id.startswith(("Hopper", "Walker", "InvertedPendulum", "Humanoid")) and kwargs.get("terminate_when_unhealthy", True):
         assert terms > 0  # the termination path was exercised
 
 
 def test_uncovered_envs_fall_back():
     cfg = EnvConfig(id="CartPole-v1", horizon=50)
-    assert fast_mujoco.make_stepper([make_env(cfg, 0)], 50) is None
+    assert fast_mujoco.make_stepper(make_env(cfg, 0), 50, 2) is None
     cfg = EnvConfig(id="Hopper-v5", horizon=50)
     env = make_env(cfg, 0)
-    assert fast_mujoco.make_stepper([env], 100) is None  # time limit below the horizon
-    assert fast_mujoco.make_stepper([gym.wrappers.ClipAction(env)], 50) is None  # unknown wrapper
-    assert fast_mujoco.make_stepper([make_env(EnvConfig(id="Humanoid-v5", horizon=50), 0)], 50) is None
+    assert fast_mujoco.make_stepper(env, 100, 2) is None  # time limit below the horizon
+    assert fast_mujoco.make_stepper(gym.wrappers.ClipAction(env), 50, 2) is None  # unknown wrapper
+    assert fast_mujoco.make_stepper(make_env(EnvConfig(id="Pusher-v5", horizon=50), 0), 50, 2) is None
+    assert fast_mujoco.make_stepper(make_env(EnvConfig(id="Hopper-v4", horizon=50), 0), 50, 2) is None
 
 
-@pytest.mark.parametrize("env_id", ["Hopper-v5", "Reacher-v5"])
-def test_oracle_gradients_identical_with_and_without_fast_step(env_id, monkeypatch):
-    env = EnvConfig(id=env_id, horizon=120, invert_obs=True)
+def test_row_sums_and_einsum_equal_numpy_per_row():
+    """The vectorised reductions used above equal numpy's per-row ones, for every row length."""
+    rng = np.random.default_rng(3)
+    for n in (2, 3, 7, 8, 9, 17, 84, 130, 348):
+        for b in (1, 2, 5, 33):
+            x = rng.standard_normal((b, n)) * 10.0 ** rng.uniform(-3, 3, (b, n))
+            assert np.array_equal(x.sum(axis=1), [np.sum(r) for r in x])
+    mass, xipos = rng.uniform(0.5, 5, 14), rng.standard_normal((9, 14, 3))
+    assert np.array_equal(np.einsum("b,sbj->sj", mass, xipos), [np.einsum("b,bj->j", mass, x) for x in xipos])
+
+
+@pytest.mark.parametrize("env_id", ["Hopper-v5", "Reacher-v5", "Humanoid-v5"])
+def test_oracle_gradients_identical_with_and_without_fast_step(env_id):
+    horizon = 60 if env_id == "Humanoid-v5" else 120
+    env = EnvConfig(id=env_id, horizon=horizon, invert_obs=True)
     pol = PolicyConfig(rollout_batch=4)
-    fast, slow = RLOracle(env, pol, 3, 5), RLOracle(env, pol, 3, 5)
+    fast, slow = RLOracle(env, pol, 3, 5, threads=2), RLOracle(env, pol, 3, 5)
     slow.fast_step = False
+    assert fast.batched() and not slow.batched()
     point = fast.initial_point() + 0.2 * np.random.default_rng(1).standard_normal(fast.dim)
     jobs = [(w, j) for j in range(3) for w in range(3)]
     a, b = fast.gradients(point, jobs), slow.gradients(point, jobs)
@@ -88,3 +114,36 @@ def test_oracle_gradients_identical_with_and_without_fast_step(env_id, monkeypat
         assert np.array_equal(a[w].grad_sum, b[w].grad_sum)
         assert np.array_equal(a[w].returns, b[w].returns) and np.array_equal(a[w].lengths, b[w].lengths)
     assert fast.evaluate(point, 3, key=2) == slow.evaluate(point, 3, key=2)
+    # AFedPG's in-flight batching: each request at its own point, one batch, same bits
+    p2 = point + 0.1
+    many = fast.gradients_many([(point, jobs[:4]), (p2, jobs[4:])])
+    alone = [slow.gradients(point, jobs[:4]), slow.gradients(p2, jobs[4:])]
+    for got, want in zip(many, alone):
+        for w in want:
+            assert np.array_equal(got[w].grad_sum, want[w].grad_sum)
+            assert np.array_equal(got[w].returns, want[w].returns)
+
+
+@pytest.mark.parametrize("name", ["rennala_nigt", "afedpg"])
+def test_training_is_identical_on_1_and_2_cores(tmp_path, name):
+    """runtime.processes on a covered MuJoCo env = the batch's threads, in one process: same bits."""
+    import apga.training as train_mod
+    from apga import config as cfgmod
+    from apga.oracle.parallel import ParallelOracle
+
+    texts = []
+    for processes in (1, 2):
+        cfg = cfgmod.load_config({
+            "seed": 2, "env": {"id": "Hopper-v5", "horizon": 40},
+            "policy": {"hidden": [16, 16], "rollout_batch": 3},
+            "algorithm": {"name": name, "batch_size": 6, "step_size": 0.05},
+            "workers": {"n": 3, "compute_time": "sqrt"}, "runtime": {"processes": processes},
+            "budget": {"iterations": 4 if name != "afedpg" else 10}, "eval": {"every": 2, "episodes": 2},
+        })
+        oracle = train_mod.build_oracle(cfg)
+        assert isinstance(oracle, RLOracle) and not isinstance(oracle, ParallelOracle)
+        assert oracle.threads == processes and oracle.batched()
+        oracle.close()
+        train_mod.train(cfg, str(tmp_path / f"p{processes}"), progress=False)
+        texts.append((tmp_path / f"p{processes}" / "metrics.csv").read_text())
+    assert texts[0] == texts[1] and texts[0].count("\n") > 4

@@ -3,6 +3,8 @@ the pool never leaks processes (close, dead process, exception, KeyboardInterrup
 import subprocess
 import os
 import signal
+import sys
+import time
 
 import gymnasium as gym
 import numpy as np
@@ -46,7 +48,8 @@ def pair():
 
 def assert_gone(procs) -> None:
     """The processes have ended and were reaped (no zombie left)."""
-    assert procs and all(p.poll() is not None for p in procs)
+    procs = list(procs.values()) if isinstance(procs, dict) else list(procs)
+    assert procs and all(p.exitcode is not None for p in procs)
     for p in procs:
         with pytest.raises(ProcessLookupError):
             os.kill(p.pid, 0)
@@ -212,10 +215,10 @@ def test_dead_process_raises_and_close_cleans_up():
     par = ParallelOracle(EnvConfig(id="CartPole-v1", horizon=20), PolicyConfig(rollout_batch=1), 2, 0, processes=2)
     try:
         par.wait_ready()
-        procs = list(par.pool.procs)
-        assert len(procs) == 1 and procs[0].poll() is None
+        procs = list(par.pool.procs.values())
+        assert len(procs) == 1 and procs[0].exitcode is None
         os.kill(procs[0].pid, signal.SIGKILL)
-        procs[0].wait(10)
+        procs[0].join(10)
         with pytest.raises(PoolError, match="exited unexpectedly"):
             for k in range(5):  # the parent may finish a call alone before it notices
                 par.gradients(par.initial_point(), [(0, 10 * k + j) for j in range(6)])
@@ -293,16 +296,56 @@ def test_units_and_process_counts():
     assert group_units([8, 8, 8, 8], 2, 8) == [[0], [1], [2], [3]]
 
 
-def test_no_helper_process_is_left_behind():
-    """Besides its rollout processes the pool starts nothing (no multiprocessing helpers)."""
+def test_no_rollout_process_is_left_behind():
+    """After close only the standard library's resource tracker may remain (it exits with this
+    process); the rollout processes are gone."""
     def children():
-        out = subprocess.run(["ps", "--ppid", str(os.getpid()), "-o", "pid="], capture_output=True, text=True).stdout
-        return {int(x) for x in out.split()} - {0}
+        out = subprocess.run(["ps", "--ppid", str(os.getpid()), "-o", "pid=,args="], capture_output=True,
+                             text=True).stdout
+        return {int(line.split()[0]): line for line in out.strip().splitlines()}
 
     before = children()
     par = ParallelOracle(EnvConfig(id="CartPole-v1", horizon=10), PolicyConfig(), 1, 0, processes=2)
     pids = set(par.pool.pids)
-    assert pids <= children()
+    assert pids and pids <= set(children())
     par.close()
-    left = children() - before
-    assert not (left & pids) and len(left) <= 1  # at most the `ps` of this very check
+    left = {pid: line for pid, line in children().items() if pid not in before}
+    assert not (set(left) & pids)
+    assert all("resource_tracker" in line or " ps " in f" {line} " for line in left.values()), left
+
+
+def test_rollout_processes_die_with_their_parent(tmp_path):
+    """A parent killed with SIGKILL (no cleanup at all) takes its rollout processes with it."""
+    code = (
+        "import os, sys, time\n"
+        "from apga.config import EnvConfig, PolicyConfig\n"
+        "from apga.oracle.parallel import ParallelOracle\n"
+        "if __name__ == '__main__':\n"
+        "    par = ParallelOracle(EnvConfig(id='CartPole-v1', horizon=10), PolicyConfig(), 1, 0, processes=3)\n"
+        "    par.wait_ready()\n"
+        "    print(' '.join(map(str, par.pool.pids)), flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    script = tmp_path / "parent.py"
+    script.write_text(code)
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        pids = [int(x) for x in proc.stdout.readline().split()]
+        assert len(pids) == 2
+    finally:
+        proc.kill()
+        proc.wait(10)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in pids)
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie, already dead, waiting for its reaper, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -18,13 +18,15 @@ simulator turns into training, next to what the hardware and a peer library do:
   physics_limit  raw MuJoCo: mujoco.mj_step(model, data, nstep=frame_skip) on the env's own
                  model with uniform random controls, reset every H steps (resets not timed),
                  in env steps/s per core (one process alone), times the cores apga uses.
-  physics_all_cores  the same measured on all of apga's processes at once (what the cores give
-                 together: shared caches, other load); apga / it is ratio_all_cores.
+  physics_all_cores  the same physics on all cores at once: a mujoco.batch.Batch of the env's
+                 model, 32 simulations on one thread per core (what the cores give together:
+                 shared caches, other load); apga / it is ratio_all_cores.
   gym_single     one Gymnasium env in one process, env.step with pre-drawn numpy random
                  actions (not action_space.sample), reset when an episode ends.
   apga           `apga train` with Rennala NIGT, M = 32, 10 workers with h_i = sqrt(i), on all
-                 cores (runtime.processes, default one per core), evaluation off: env steps of
-                 the consumed trajectories per wall second, after one warm-up round.
+                 cores (runtime.processes, default one per core: the MuJoCo batch's threads, or
+                 rollout processes for an env the batch does not cover), evaluation off: env
+                 steps of the consumed trajectories per wall second, after one warm-up round.
   sb3_a2c        Stable-Baselines3 A2C, 8 envs (DummyVecEnv, SB3's default), 64x64 policy and
                  value nets, CPU, torch with 1 thread (its fastest setting here): env steps
                  per wall second of model.learn.
@@ -35,7 +37,7 @@ All envs run with horizon H (default 1000) and, where the env has it,
 terminate_when_unhealthy off, so every trajectory has H steps. The last line printed is one
 JSON object with every number (physics_limit, gym_single, apga, sb3_a2c, ratio_limit =
 apga / physics_limit, ratio_sb3 = apga / sb3_a2c, round_cost_ratio_1000_10, ...).
-Targets: ratio_limit >= 0.60, ratio_sb3 >= 5, round_cost_ratio_1000_10 <= 1.5.
+Targets: ratio_limit >= 0.85, ratio_sb3 >= 5, round_cost_ratio_1000_10 <= 1.5.
 
 Each throughput is measured in 3 slices interleaved with the others (a load change hits all
 alike). Timings are only comparable when nothing else runs on the machine: the JSON records the
@@ -65,8 +67,8 @@ def add_parser(sub) -> None:
     p.add_argument("--quick", action="store_true",
                    help="smoke run: horizon 100, one timed round per worker count, --seconds 1 unless given")
     p.add_argument("--processes", type=int, default=0, metavar="P",
-                   help="rollout processes for apga (runtime.processes; default 0 = one per core); the "
-                   "physics limit is per core times P")
+                   help="cores for apga (runtime.processes; default 0 = all): threads of the MuJoCo batch, or "
+                   "rollout processes for an env it does not cover; the physics limit is per core times P")
     p.add_argument("--env", default="Hopper-v5", metavar="ID",
                    help="a Gymnasium MuJoCo env id (default: Hopper-v5)")
     p.add_argument("--horizon", type=int, default=None, metavar="H",
@@ -187,46 +189,50 @@ class PhysicsMeter(Meter):
         self.elapsed += busy
 
 
-_PHYSICS_METERS: dict = {}  # per process: the meter of physics_unit, so episodes continue
-
-
-def physics_unit(oracle, seconds: float, horizon: int, seed: int):
-    """Run in every rollout process at once (ParallelOracle.run_everywhere): bare physics on
-    that process's own env for ``seconds``; returns (pid, env steps, seconds)."""
-    env = oracle._env_slots(oracle.keys[0], 1)[0]
-    meter = _PHYSICS_METERS.get(id(env))
-    if meter is None:
-        meter = _PHYSICS_METERS[id(env)] = PhysicsMeter(env, horizon, seed)
-    steps, elapsed = meter.steps, meter.elapsed
-    meter.run(seconds)
-    return os.getpid(), meter.steps - steps, meter.elapsed - elapsed
-
-
 class AllCoresPhysicsMeter(Meter):
-    """The physics of PhysicsMeter on all of apga's rollout processes at the same time: the
-    physics limit of the cores as they are (shared caches, other load), summed over processes."""
+    """The physics of PhysicsMeter on all cores at once: a ``mujoco.batch.Batch`` of the env's
+    model, NSIM simulations on one thread per core, uniform random controls, episodes of H steps
+    (each simulation starts from an ``env.reset``; resets not timed)."""
 
     name = "physics on all cores at once"
+    NSIM = 32
 
-    def __init__(self, oracle, horizon: int, seed: int):
+    def __init__(self, env, horizon: int, seed: int, cores: int):
         super().__init__()
-        self.oracle, self.horizon, self.seed = oracle, horizon, seed
-        self.processes = getattr(oracle, "processes", 1)
-        self.rate_sum, self.slices, self.spread = 0.0, 0, True
+        import mujoco
+        import numpy as np
+        from mujoco.batch import Batch
+        u = env.unwrapped
+        self.env, self.horizon, self.seed, self.nstep = env, horizon, seed, int(u.frame_skip)
+        self.batch = Batch(u.model, nsim=self.NSIM, nthread=cores)
+        self.ctrl, self.model, self.data = self.batch.bind("ctrl"), u.model, u.data
+        self.spec = int(mujoco.mjtState.mjSTATE_INTEGRATION)
+        low, high = env.action_space.low.astype(np.float64), env.action_space.high.astype(np.float64)
+        self.acts = np.random.default_rng(seed + 2).uniform(low, high, size=(horizon, self.NSIM) + low.shape)
+        self.t, self.episode = horizon, 0
 
     def run(self, seconds: float) -> None:
-        args = [(seconds, self.horizon, self.seed + 1000 * k) for k in range(self.processes)]
-        if hasattr(self.oracle, "run_everywhere"):
-            out = self.oracle.run_everywhere("apga.commands.bench:physics_unit", args)
-        else:
-            out = [physics_unit(self.oracle, *args[0])]
-        self.spread &= len({pid for pid, _, _ in out}) == self.processes  # one unit per process
-        self.rate_sum += sum(steps / max(busy, 1e-9) for _, steps, busy in out)
-        self.slices += 1
+        import mujoco
+        busy = 0.0
+        while busy < seconds:
+            if self.t >= self.horizon:
+                for k in range(self.NSIM):
+                    self.env.reset(seed=self.seed + 10_000 + self.episode * self.NSIM + k)
+                    mujoco.mj_getState(self.model, self.data, self.batch.state[k], self.spec)
+                self.episode += 1
+                self.t = 0
+            n = min(self.horizon - self.t, 50)
+            t0 = time.perf_counter()
+            for i in range(self.t, self.t + n):
+                self.ctrl[:] = self.acts[i]
+                self.batch.step(nstep=self.nstep)
+            busy += time.perf_counter() - t0
+            self.t += n
+            self.steps += n * self.NSIM
+        self.elapsed += busy
 
-    @property
-    def rate(self) -> float:
-        return self.rate_sum / self.slices if self.slices else 0.0
+    def close(self) -> None:
+        self.env.close()
 
 
 class GymMeter(Meter):
@@ -419,9 +425,9 @@ def run(args) -> int:
     # only uses workers 0..n-1, whose results do not depend on the oracle's worker count.
     # The pool starts first: its processes load in the background (--quick builds the other
     # meters meanwhile; a full run waits, so that nothing else runs while it measures).
-    say(f"bench: starting {cores} rollout process(es)")
+    say(f"bench: building apga's oracle on {cores} core(s)")
     big = _config(args.env, kwargs, horizon, max(ROUND_WORKERS), args.processes, args.rollout_batch, seed)
-    oracle = sb3 = None
+    oracle = sb3 = all_cores = None
     try:
         oracle = build_oracle(big)
         if not opts["quick"] and hasattr(oracle, "wait_ready"):
@@ -433,7 +439,7 @@ def run(args) -> int:
             oracle.wait_ready()
         apga = ApgaMeter(build_runtime(_config(args.env, kwargs, horizon, 10, args.processes, args.rollout_batch,
                                                seed), oracle))
-        all_cores = AllCoresPhysicsMeter(oracle, horizon, seed)
+        all_cores = AllCoresPhysicsMeter(_make_env(args.env, horizon)[0], horizon, seed, cores)
         # Interleaved slices: a load change during the run hits every measurement alike.
         slices = 1 if opts["quick"] else SLICES
         for k in range(slices):
@@ -450,9 +456,11 @@ def run(args) -> int:
             sb3.close()
         if oracle is not None:
             oracle.close()
+        if all_cores is not None:
+            all_cores.close()
     per_core, gym_single, sb3, apga_rounds, apga = (physics.rate, gym_single.rate, sb3.rate, apga.rounds,
                                                     apga.rate)
-    physics_all, spread = all_cores.rate, all_cores.spread
+    physics_all = all_cores.rate
 
     physics = per_core * cores
     result = {
@@ -477,16 +485,16 @@ def run(args) -> int:
     rows = [
         ["measurement", "env steps/s", "notes"],
         ["physics limit", f"{physics:,.0f}", f"{per_core:,.0f}/core x {cores} core(s); mj_step nstep={frame_skip}"],
-        ["physics, all cores", f"{physics_all:,.0f}", f"the same on {cores} process(es) at once"
-                                                      + ("" if spread else " (uneven: not one per process)")],
+        ["physics, all cores", f"{physics_all:,.0f}", f"mujoco.batch.Batch, {AllCoresPhysicsMeter.NSIM} simulations "
+                                                      f"on {cores} thread(s)"],
         ["gymnasium single", f"{gym_single:,.0f}", "1 process, env.step, numpy random actions"],
-        ["apga (Rennala NIGT)", f"{apga:,.0f}", f"M=32, n=10, h_i=sqrt(i), {cores} process(es), rollout_batch "
+        ["apga (Rennala NIGT)", f"{apga:,.0f}", f"M=32, n=10, h_i=sqrt(i), {cores} core(s), rollout_batch "
                                                 f"{args.rollout_batch}, {apga_rounds} timed round(s)"],
         ["SB3 A2C", f"{sb3:,.0f}", "8 envs (DummyVecEnv), 64x64, CPU, 1 torch thread"],
     ]
     print(f"{args.env}, H = {horizon}, {kwargs or 'default kwargs'}; load average {load_before} -> {result['load_after']}")
     print(_table(rows))
-    print(f"ratios: apga/physics_limit {result['ratio_limit']:.3f} (target >= 0.60), apga/physics_all_cores "
+    print(f"ratios: apga/physics_limit {result['ratio_limit']:.3f} (target >= 0.85), apga/physics_all_cores "
           f"{result['ratio_all_cores']:.3f}, apga/gym_single {result['ratio_gym']:.2f}, apga/sb3_a2c "
           f"{result['ratio_sb3']:.2f} (target >= 5)")
     print("round cost (s, median): " + ", ".join(f"n={n}: {c:.3f}" for n, c in cost.items())

@@ -1,50 +1,57 @@
-"""Use every core: an :class:`Oracle` that spreads whole chunks of rollouts over processes.
+"""Use every core for environments that MuJoCo's batch does not cover: an :class:`Oracle` that
+spreads whole chunks of rollouts over processes.
+
+MuJoCo v5 envs covered by :mod:`apga.oracle.fast_mujoco` never come here: they run in one
+process, their physics on a ``mujoco.batch.Batch`` with one thread per core
+(:func:`make_oracle`). Everything else (classic control, other Gymnasium envs) can use this pool.
 
 ``ParallelOracle(env, policy, n_workers, seed, processes)`` behaves exactly like
 ``RLOracle(env, policy, n_workers, seed)`` (bit-identical gradients, returns and evaluations)
 but runs the work of one call on ``processes`` processes: the calling process plus
-``processes - 1`` spawned ones. Each spawned process builds its own RLOracle from the configs
-once (an RLOracle holds environments and is not picklable) and then only ever receives WHOLE
-units of work: a list of (point, chunk) tasks, or of evaluation tasks, never single steps.
+``processes - 1`` others. Each other process builds its own RLOracle from the configs once (an
+RLOracle holds environments and is not picklable) and then only ever receives WHOLE units of
+work: a list of (point, chunk) tasks, or of evaluation tasks, never single steps.
 
 How one call runs: the parent plans the chunks exactly as ``RLOracle.plan`` does (a function of
-the config and the jobs only), groups consecutive chunks into units (the grouping never changes
-a result: see ``RLOracle.run_tasks``), broadcasts the list of units to every process and then all
-processes, the parent included, claim units one at a time from a shared counter until none is
-left (dynamic balance). The parent puts the per-chunk results back in chunk order and combines
-them with ``RLOracle.combine``: the sums are those of the single-process path, bit for bit.
+the config and the jobs only) and groups consecutive chunks into units (the grouping never
+changes a result: see ``RLOracle.run_tasks``). It keeps one unit in flight per process, taken
+from the front of the list, and computes units itself from the back in between (dynamic
+balance). It puts the per-chunk results back in chunk order and combines them with
+``RLOracle.combine``: the sums are those of the single-process path, bit for bit.
 
 A round can only be split into its chunks: with ``policy.rollout_batch`` = B a round of M
 trajectories has ceil(M / B) chunks, so B should be at most M / processes for every process to
 get work (rounds cannot be pipelined: the next point depends on this round's result).
 
-Processes: plain ``python -c`` subprocesses (fresh interpreters: no forked torch / MuJoCo state,
-and unlike multiprocessing's spawn they never re-run the caller's ``__main__`` and need no
-resource-tracker helper), each connected by a socket pair; the work counter is a locked
-temporary file.
+Processes: a ``concurrent.futures.ProcessPoolExecutor`` with the ``spawn`` start method (fresh
+interpreters: no forked torch / MuJoCo state; a ``python -m`` or console-script entry point is
+not re-run in them, a plain script needs the usual ``if __name__ == "__main__":`` guard). Its
+initializer builds the process's RLOracle, ignores SIGINT (the parent handles Ctrl-C and closes
+the pool) and, on Linux, asks the kernel to kill the process when its parent dies
+(``PR_SET_PDEATHSIG``). The processes start in the background when the pool is made.
+Measured against the hand-written pool this replaced (``python -c`` children, socket pairs, a
+locked counter file): CartPole-v1, 2 processes, M = 32, rollout_batch 4, throughput of the pool
+over one process timed in the same run (interleaved, so load changes hit both), old and new
+runs alternated, on a 2-core machine under other load: hand-written 0.97 and 1.17, this 1.05
+and 1.19 (no loss beyond the noise; the issue's bar was 5 %).
 
-Lifetime: :meth:`ParallelOracle.close` stops the processes (stop message, then terminate / kill
-after a short grace); a finalizer does the same if close is never called. The processes ignore
-SIGINT (the parent handles Ctrl-C and closes the pool) and exit on their own when the parent
-disappears (their socket closes).
+Lifetime: :meth:`ParallelOracle.close` shuts the executor down (the processes exit after their
+current unit; terminate / kill after a short grace); a finalizer does the same if close is never
+called.
 """
 from __future__ import annotations
 
-import fcntl
+import collections
 import math
+import multiprocessing
 import os
-import queue
 import signal
-import socket
-import struct
-import subprocess
 import sys
-import tempfile
-import threading
 import time
 import traceback
 import weakref
-from multiprocessing.connection import Connection, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Sequence
 
 import numpy as np
@@ -53,6 +60,7 @@ from apga.errors import ApgaError
 from apga.oracle.base import Job, Oracle, WorkerBatch
 
 GRACE_SECONDS = 2.0  # close(): how long a process may take to stop before it is terminated
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def resolve_processes(processes: int) -> int:
@@ -70,18 +78,13 @@ def resolve_processes(processes: int) -> int:
 
 # ----------------------------------------------------------------------------- units of work
 def _run_unit(oracle, unit):
-    """Execute one unit on an RLOracle (in whichever process claimed it)."""
+    """Execute one unit on an RLOracle (in whichever process computes it)."""
     kind = unit[0]
     if kind == "grad":
         return oracle.run_tasks(unit[1])
     if kind == "eval":
         _, point, tasks, key, deterministic = unit
         return [oracle.eval_task(point, t, key, deterministic) for t in tasks]
-    if kind == "call":  # ("call", "module:function", args): function(oracle, *args), e.g. a benchmark
-        import importlib
-
-        module, _, name = unit[1].partition(":")
-        return getattr(importlib.import_module(module), name)(oracle, *unit[2])
     raise ValueError(f"unknown unit kind {kind!r}")
 
 
@@ -103,109 +106,43 @@ def group_units(sizes: Sequence[int], processes: int, cap: int) -> list[list[int
     return units
 
 
-# ----------------------------------------------------------------------------- shared counter
-# The claim counter lives in an unlinked temporary file shared by all processes: (request id,
-# next unit, number of units) as three int64, guarded by a POSIX record lock (fcntl.lockf locks
-# belong to processes, so they exclude each other even through one inherited descriptor). No
-# multiprocessing semaphore, hence no resource-tracker helper process.
-_COUNTER = struct.Struct("<qqq")
-
-
-def _set_request(fd: int, request: int, total: int) -> None:
-    fcntl.lockf(fd, fcntl.LOCK_EX)
-    try:
-        os.pwrite(fd, _COUNTER.pack(request, 0, total), 0)
-    finally:
-        fcntl.lockf(fd, fcntl.LOCK_UN)
-
-
-def _end_request(fd: int, request: int) -> None:
-    """No more claims for ``request`` (the others finish what they hold)."""
-    fcntl.lockf(fd, fcntl.LOCK_EX)
-    try:
-        rid, _, total = _COUNTER.unpack(os.pread(fd, _COUNTER.size, 0))
-        if rid == request:
-            os.pwrite(fd, _COUNTER.pack(rid, total, total), 0)
-    finally:
-        fcntl.lockf(fd, fcntl.LOCK_UN)
-
-
-def _claim(fd: int, request: int):
-    """Next unit index of ``request``, or None when none is left (or the request is over)."""
-    fcntl.lockf(fd, fcntl.LOCK_EX)
-    try:
-        rid, nxt, total = _COUNTER.unpack(os.pread(fd, _COUNTER.size, 0))
-        if rid != request or nxt >= total:
-            return None
-        os.pwrite(fd, _COUNTER.pack(rid, nxt + 1, total), 0)
-        return nxt
-    finally:
-        fcntl.lockf(fd, fcntl.LOCK_UN)
-
-
 # ----------------------------------------------------------------------------- child process
-CHILD_CODE = "import sys; sys.path[:0] = {path!r}; from apga.oracle.parallel import _child_entry; _child_entry()"
+_CHILD = {"oracle": None, "error": None}  # per rollout process: its RLOracle, or why it has none
 
 
-def _child_entry() -> None:
-    """Main of a rollout process: ``python -c CHILD_CODE CONN_FD COUNTER_FD``."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    conn = Connection(int(sys.argv[1]))
-    counter = int(sys.argv[2])
-    parent = os.getppid()
-    outbox: queue.Queue = queue.Queue()
+def _die_with_parent(parent: int) -> None:
+    """Linux: the kernel sends SIGKILL to this process when its parent exits."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
 
-    def sender():  # sends in the background: a large result never stalls the next claim
-        while True:
-            msg = outbox.get()
-            try:
-                conn.send(msg)
-            except (BrokenPipeError, EOFError, OSError):
-                os._exit(0)  # the parent is gone
-            if msg[0] in ("init_error", "bye"):
-                return
-
-    thread = threading.Thread(target=sender, daemon=True)
-    thread.start()
-    oracle = None
     try:
-        init_args = conn.recv()
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(0)
+
+
+def _child_init(init_args: tuple, parent: int) -> None:
+    """Initializer of a rollout process: build its oracle once (an error is reported by its units)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    _die_with_parent(parent)
+    try:
         from apga.oracle.rl import RLOracle
 
-        oracle = RLOracle(*init_args)
+        _CHILD["oracle"] = RLOracle(*init_args)
     except BaseException:
-        outbox.put(("init_error", traceback.format_exc()))
-        thread.join(5.0)
-        os._exit(1)
-    outbox.put(("ready",))
-    try:
-        while True:
-            try:
-                msg = conn.recv()
-            except (EOFError, OSError):
-                break  # the parent is gone
-            if msg[0] == "stop":
-                break
-            _, request, units = msg
-            while os.getppid() == parent:  # stop claiming if the parent died meanwhile
-                i = _claim(counter, request)
-                if i is None:
-                    break
-                try:
-                    res = _run_unit(oracle, units[i])
-                except BaseException:
-                    outbox.put(("error", request, i, traceback.format_exc()))
-                    break
-                outbox.put(("result", request, i, res))
-    finally:
-        oracle.close()
-        outbox.put(("bye",))
-        thread.join(5.0)
-    # Nothing left to flush: skip the interpreter's teardown (torch, MuJoCo), which only makes
-    # close() wait.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+        _CHILD["error"] = traceback.format_exc()
+
+
+def _child_unit(unit):
+    """One unit in a rollout process: ("ok", result) or ("init_error", traceback)."""
+    if _CHILD["error"] is not None:
+        return "init_error", _CHILD["error"]
+    if unit[0] == "ready":
+        return "ok", os.getpid()
+    return "ok", _run_unit(_CHILD["oracle"], unit)
 
 
 # ----------------------------------------------------------------------------- the pool
@@ -217,102 +154,81 @@ class RolloutError(RuntimeError):
     """An exception inside a rollout process; the message carries its traceback."""
 
 
-def _shutdown(procs, conns, counter, ready, state) -> None:
-    """Stop the processes: no new claims, stop message, grace, then terminate / kill.
-    A process still starting up (not in ``ready``), or any after an abandoned request (it may
-    be mid-unit for seconds), holds nothing worth a grace: terminated at once."""
-    try:
-        _set_request(counter, -1, 0)
-    except OSError:
-        pass
-    for k, (p, c) in enumerate(zip(procs, conns)):
-        try:
-            if k in ready and not state.get("abandoned") and p.poll() is None:
-                c.send(("stop",))
-            else:
-                p.terminate()
-        except Exception:
-            pass
-    deadline = time.monotonic() + GRACE_SECONDS
+def _shutdown(executor, procs: dict, state: dict) -> None:
+    """Stop the processes: no new work, then a grace (none after an abandoned call, whose
+    units may run for seconds), then terminate / kill, and reap them."""
+    procs = list(procs.values())
+    executor.shutdown(wait=False, cancel_futures=True)
+    grace = 0.0 if state.get("abandoned") else GRACE_SECONDS
+    deadline = time.monotonic() + grace
     for p in procs:
-        try:
-            p.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pass
+        p.join(max(0.0, deadline - time.monotonic()))
     for p in procs:
         for stop in (p.terminate, p.kill):
-            if p.poll() is None:
-                stop()
+            if p.exitcode is None:
                 try:
-                    p.wait(1.0)
-                except subprocess.TimeoutExpired:
+                    stop()
+                except (OSError, ValueError):
                     pass
-    for c in conns:
-        try:
-            c.close()
-        except Exception:
-            pass
-    try:
-        os.close(counter)
-    except OSError:
-        pass
+                p.join(1.0)
 
 
 class ProcessPool:
-    """``children`` rollout processes (fresh interpreters), each holding an RLOracle built from
-    ``init_args``; :meth:`run` executes a list of units on them and on ``local_oracle``."""
+    """``children`` rollout processes, each holding an RLOracle built from ``init_args``;
+    :meth:`run` executes a list of units on them and on ``local_oracle``."""
 
     def __init__(self, children: int, init_args: tuple, local_oracle):
         self.local = local_oracle
-        self.procs: list[subprocess.Popen] = []
-        self.conns: list[Connection] = []
-        self.ready: set[int] = set()
-        self.request = 0
+        self.children = int(children)
         self.broken: str | None = None
         self.units_local = self.units_remote = 0  # units computed here / by the children
-        with tempfile.TemporaryFile() as f:  # unlinked at once: nothing is left on disk
-            self.counter = os.dup(f.fileno())
-        os.pwrite(self.counter, _COUNTER.pack(0, 0, 0), 0)
-        code = CHILD_CODE.format(path=[p for p in sys.path if p])
-        try:
-            for _ in range(children):
-                mine, theirs = socket.socketpair()
-                try:
-                    proc = subprocess.Popen(
-                        [sys.executable, "-c", code, str(theirs.fileno()), str(self.counter)],
-                        pass_fds=(theirs.fileno(), self.counter), stdin=subprocess.DEVNULL, close_fds=True)
-                finally:
-                    theirs.close()
-                self.procs.append(proc)
-                conn = Connection(mine.detach())
-                self.conns.append(conn)
-                conn.send(init_args)
-        except BaseException:
-            _shutdown(self.procs, self.conns, self.counter, set(), {})
-            raise
+        self.executor = ProcessPoolExecutor(children, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=_child_init, initargs=(init_args, os.getpid()))
         self._state = {"abandoned": False}
-        self._finalizer = weakref.finalize(self, _shutdown, self.procs, self.conns, self.counter, self.ready,
-                                           self._state)
+        # the processes (started below, one per submitted unit): kept to stop them at close
+        self.procs: dict = self.executor._processes
+        try:
+            self._ready = [self.executor.submit(_child_unit, ("ready",)) for _ in range(children)]
+        except BaseException:
+            _shutdown(self.executor, self.procs, {"abandoned": True})
+            raise
+        self._finalizer = weakref.finalize(self, _shutdown, self.executor, dict(self.procs), self._state)
 
     @property
     def pids(self) -> list[int]:
-        return [p.pid for p in self.procs]
+        return list(self.procs)
 
     def close(self) -> None:
         if self._finalizer.alive:
-            try:  # learn which processes are up (their "ready" may still sit in the pipe)
-                for k, c in enumerate(self.conns):
-                    while k not in self.ready and c.poll():
-                        if c.recv()[0] == "ready":
-                            self.ready.add(k)
-            except (EOFError, OSError):
-                pass
-        self._finalizer()  # runs _shutdown once
+            self._finalizer.detach()
+            _shutdown(self.executor, self.procs, self._state)
 
     def wait_ready(self) -> None:
         """Block until every process has built its oracle (e.g. before timing anything)."""
-        while len(self.ready) < len(self.conns):
-            self._drain(-1, [], [], timeout=None)
+        for f in self._ready:
+            self._value(f)
+
+    def _dead(self) -> PoolError:
+        """The error for a pool whose process died (the executor is then broken for good)."""
+        codes = sorted({p.exitcode for p in list(self.procs.values()) if p.exitcode is not None})
+        self.broken = (f"a rollout process exited unexpectedly (exit code {', '.join(map(str, codes)) or '?'}); "
+                       "was it killed (out of memory?)? runtime.processes: 1 runs without a pool")
+        return PoolError(self.broken)
+
+    def _value(self, future):
+        """The result of a unit computed by a child, or the pool's error."""
+        try:
+            status, payload = future.result()
+        except BrokenProcessPool:
+            raise self._dead() from None
+        except Exception as exc:
+            cause = getattr(exc, "__cause__", None)
+            raise RolloutError(f"a rollout process failed:\n{cause or exc!r}") from None
+        if status == "init_error":
+            last = payload.strip().splitlines()[-1] if payload.strip() else "unknown error"
+            self.broken = f"a rollout process could not build its oracle ({last}); runtime.processes: 1 runs without a pool"
+            raise PoolError(self.broken)
+        return payload
 
     def run(self, units: list) -> list:
         """Results of ``units`` (in order), computed by all processes together."""
@@ -320,88 +236,34 @@ class ProcessPool:
             raise PoolError(f"the rollout pool is unusable: {self.broken}")
         if not self._finalizer.alive:
             raise PoolError("the rollout pool is closed")
-        self.request += 1
-        request = self.request
-        _set_request(self.counter, request, len(units))
         results: list = [None] * len(units)
-        done = [False] * len(units)
-        pending = len(units)
+        todo = collections.deque(range(len(units)))
+        flying: dict = {}
         try:
-            msg = ("work", request, units)
-            for k, c in enumerate(self.conns):
-                try:
-                    c.send(msg)
-                except OSError:
-                    self._dead(k)
-            while True:
-                i = _claim(self.counter, request)
-                if i is None:
-                    break
-                results[i], done[i] = _run_unit(self.local, units[i]), True
-                self.units_local += 1
-                pending -= 1
-                pending -= self._drain(request, results, done, timeout=0.0)
-            while pending:
-                pending -= self._drain(request, results, done, timeout=None)
-            self._drain(request, results, done, timeout=0.0)  # a dead process is reported now
+            while todo or flying:
+                while todo and len(flying) < self.children:  # one unit in flight per process
+                    i = todo.popleft()
+                    flying[self.executor.submit(_child_unit, units[i])] = i
+                for f in [f for f in flying if f.done()]:
+                    results[flying.pop(f)] = self._value(f)
+                    self.units_remote += 1
+                if todo:  # meanwhile, this process takes units from the other end
+                    i = todo.pop()
+                    results[i] = _run_unit(self.local, units[i])
+                    self.units_local += 1
+                elif flying:
+                    wait(list(flying), return_when=FIRST_COMPLETED)
+        except BrokenProcessPool:  # raised by submit once the executor knows
+            self._state["abandoned"] = True
+            raise self._dead() from None
         except BaseException:
-            _end_request(self.counter, request)  # the others stop claiming units of this request
             # Interrupted (Ctrl-C, an error): the others may be mid-unit for a while; a close()
             # now need not wait for them (they hold nothing to save).
             self._state["abandoned"] = True
+            for f in flying:
+                f.cancel()
             raise
         return results
-
-    def _drain(self, request: int, results: list, done: list, timeout) -> int:
-        """Receive what the children sent; returns how many units of ``request`` completed."""
-        got = 0
-        for conn in wait(self.conns, timeout):
-            k = self.conns.index(conn)
-            try:
-                msg = conn.recv()
-            except (EOFError, OSError):
-                self._dead(k)
-            if msg[0] == "ready":
-                self.ready.add(k)
-            got += self._handle(msg, request, results, done)
-        return got
-
-    def _dead(self, k: int) -> None:
-        """Child k is gone (its socket closed): report its error message if it sent one."""
-        p, conn = self.procs[k], self.conns[k]
-        try:
-            while conn.poll():
-                msg = conn.recv()
-                if msg[0] in ("init_error", "error"):
-                    self._handle(msg, msg[1] if msg[0] == "error" else self.request, [], [])
-        except (EOFError, OSError):
-            pass
-        try:
-            p.wait(1.0)
-        except subprocess.TimeoutExpired:
-            pass
-        self.broken = (f"rollout process {k + 1} (pid {p.pid}) exited unexpectedly (exit code {p.poll()}); "
-                       "was it killed (out of memory?)? runtime.processes: 1 runs without a pool")
-        raise PoolError(self.broken)
-
-    def _handle(self, msg, request: int, results: list, done: list) -> int:
-        kind = msg[0]
-        if kind == "ready" or kind == "bye":
-            return 0
-        if kind == "init_error":
-            last = msg[1].strip().splitlines()[-1] if msg[1].strip() else "unknown error"
-            self.broken = f"a rollout process could not build its oracle ({last}); runtime.processes: 1 runs without a pool"
-            raise PoolError(self.broken)
-        _, rid, i, payload = msg
-        if rid != request:
-            return 0  # a late message of an abandoned request
-        if kind == "error":
-            raise RolloutError(f"a rollout process failed on unit {i}:\n{payload}")
-        if done[i]:
-            return 0
-        results[i], done[i] = payload, True
-        self.units_remote += 1
-        return 1
 
 
 # ----------------------------------------------------------------------------- the oracle
@@ -412,10 +274,11 @@ class ParallelOracle(Oracle):
     docstring. ``processes``: as runtime.processes (0 = one per core); 1 builds no pool.
     """
 
-    def __init__(self, env, policy, n_workers: int, seed: int, processes: int = 0):
+    def __init__(self, env, policy, n_workers: int, seed: int, processes: int = 0, local=None):
         from apga.oracle.rl import RLOracle
 
-        self.local = RLOracle(env, policy, n_workers, seed)  # validates the configs first
+        # ``local``: this process's RLOracle of the same configs, if the caller has built it
+        self.local = local if local is not None else RLOracle(env, policy, n_workers, seed)
         self.dim, self.n_workers = self.local.dim, self.local.n_workers
         self.processes = resolve_processes(processes)
         self.pool = None
@@ -458,18 +321,6 @@ class ParallelOracle(Oracle):
         out = self.pool.run([("eval", point, [tasks[i] for i in g], key, deterministic) for g in groups])
         return local.eval_combine(tasks, [t for unit in out for t in unit])
 
-    def run_everywhere(self, function: str, args_per_process: Sequence[tuple]) -> list:
-        """``function(oracle, *args)`` once per process, all at the same time (``function`` is
-        "module:name", importable by every process; one args tuple per process). For
-        measurements such as the all-core physics rate of ``apga bench``."""
-        if len(args_per_process) != self.processes:
-            raise ValueError(f"need {self.processes} argument tuples, got {len(args_per_process)}")
-        units = [("call", function, tuple(a)) for a in args_per_process]
-        if self.pool is None:
-            return [_run_unit(self.local, u) for u in units]
-        self.pool.wait_ready()
-        return self.pool.run(units)
-
     def wait_ready(self) -> None:
         """Block until the rollout processes are up (they start in the background)."""
         if self.pool is not None:
@@ -489,9 +340,20 @@ class ParallelOracle(Oracle):
 
 
 def make_oracle(env, policy, n_workers: int, seed: int, processes: int = 1):
-    """RLOracle for one process, ParallelOracle otherwise (runtime.processes semantics)."""
-    if resolve_processes(processes) == 1:
-        from apga.oracle.rl import RLOracle
+    """The oracle for runtime.processes = ``processes`` cores (0 = all), bit-identical for any count.
 
-        return RLOracle(env, policy, n_workers, seed)
-    return ParallelOracle(env, policy, n_workers, seed, processes)
+    MuJoCo envs that :mod:`apga.oracle.fast_mujoco` covers run in this process, their physics on
+    a ``mujoco.batch.Batch`` with one thread per core; every other env gets a ParallelOracle
+    (one process per core) when more than one core is asked for.
+    """
+    from apga.oracle.rl import RLOracle
+
+    cores = resolve_processes(processes)
+    local = RLOracle(env, policy, n_workers, seed, threads=cores)
+    if cores == 1 or all(local.batched(w) for w in range(local.n_workers)):
+        return local
+    try:
+        return ParallelOracle(env, policy, n_workers, seed, cores, local=local)
+    except BaseException:
+        local.close()
+        raise

@@ -26,9 +26,12 @@ its own parameter vector (:class:`apga.oracle.policies.RowParams`), and each tas
 then computed from its own rows exactly as :meth:`RLOracle.run_chunk` would, so every task's
 result is bit-identical to running it alone.
 
-Stepping: MuJoCo v5 Hopper / Walker2d / HalfCheetah / Reacher envs are stepped by
-:mod:`apga.oracle.fast_mujoco` (direct ``mj_step`` + vectorised observations and rewards,
-bit-identical to ``env.step``); every other env goes through ``env.step``.
+Stepping: the MuJoCo v5 tasks that :mod:`apga.oracle.fast_mujoco` covers (Hopper, Walker2d,
+HalfCheetah, Reacher, Swimmer, InvertedPendulum, Ant, Humanoid) run a rollout as the simulations
+of one ``mujoco.batch.Batch`` (physics on ``threads`` threads, observations and rewards
+vectorised, bit-identical to ``env.step`` at any thread count); with more than one thread the
+rows go in two lanes, one lane's policy computed while the other's physics runs. Every other
+env goes through ``env.step``, one env per trajectory.
 """
 from __future__ import annotations
 
@@ -46,6 +49,7 @@ from apga.oracle.envs import env_key, make_env, worker_settings
 
 SEED_HIGH = 2**31 - 1  # env.reset seeds are drawn in [0, SEED_HIGH)
 EVAL_JOB_STRIDE = 2**32  # evaluation stream job index = key * EVAL_JOB_STRIDE + episode
+BATCH_PACK = 64  # trajectories a MuJoCo batch may roll out together, whatever rollout_batch (same bits)
 
 
 class Rollout:
@@ -59,15 +63,16 @@ class Rollout:
 class RLOracle(Oracle):
     """GPOMDP gradients of a Gaussian / categorical MLP policy on per-worker Gymnasium envs.
 
-    ``RLOracle(env, policy, n_workers, seed)``: ``env`` and ``policy`` are the config sections,
-    ``seed`` the run seed (initial point, trajectories and evaluation streams derive from it).
+    ``RLOracle(env, policy, n_workers, seed, threads=1)``: ``env`` and ``policy`` are the config
+    sections, ``seed`` the run seed (initial point, trajectories and evaluation streams derive
+    from it), ``threads`` the physics threads of a MuJoCo batch (never changes a result).
 
     ``policy.baseline`` and ``policy.normalize_returns`` are outside the theory: both make a
     trajectory's weights depend on the other trajectories of its (chunk, worker) batch, which
     breaks the exact unbiasedness of the estimator (and the chunk-independence of results).
     """
 
-    def __init__(self, env: EnvConfig, policy: PolicyConfig, n_workers: int, seed: int):
+    def __init__(self, env: EnvConfig, policy: PolicyConfig, n_workers: int, seed: int, threads: int = 1):
         if int(n_workers) < 1:
             raise ConfigError(f"workers.n: must be >= 1, got {n_workers}")
         if int(env.horizon) < 1:
@@ -93,6 +98,10 @@ class RLOracle(Oracle):
         for w, k in enumerate(self.keys):
             self._rep.setdefault(k, w)
         self._envs: dict[tuple, list] = {}  # env_key -> reusable env instances (one per batch slot)
+        self._steppers: dict[tuple, object] = {}  # env_key -> its fast_mujoco.BatchStepper (or None)
+        self._covered: dict[tuple, bool] = {}  # env_key -> whether fast_mujoco covers its env
+        # Threads of a MuJoCo batch's physics (never changes a result: see fast_mujoco).
+        self.threads = max(1, int(threads))
         spaces_seen = {}
         for k, w in self._rep.items():
             e = self._env_slots(k, 1)[0]
@@ -107,7 +116,7 @@ class RLOracle(Oracle):
         self.spec = policies.make_spec(obs_space, act_space, policy.hidden, policy.init_std)
         self.dim = self.spec.dim
         self._gamma_pow = self.gamma ** np.arange(self.horizon, dtype=np.float64)
-        # Exact fast stepping of MuJoCo v5 locomotion envs (apga.oracle.fast_mujoco); False (or
+        # Exact batched stepping of MuJoCo v5 envs (apga.oracle.fast_mujoco); False (or
         # APGA_NO_FAST_STEP=1) forces env.step. Results are identical either way.
         self.fast_step = True
 
@@ -118,7 +127,7 @@ class RLOracle(Oracle):
     def gradients(self, point: np.ndarray, jobs: Sequence[Job],
                   should_stop: Callable[[], bool] | None = None) -> dict[int, WorkerBatch]:
         point = self._check_point(point)
-        return self.combine(jobs, [self.run_tasks([(point, chunk)], should_stop)[0] for chunk in self.plan(jobs)])
+        return self.combine(jobs, self.run_tasks([(point, chunk) for chunk in self.plan(jobs)], should_stop))
 
     def gradients_many(
         self, requests: Sequence[tuple[np.ndarray, Sequence[Job]]]
@@ -186,7 +195,18 @@ class RLOracle(Oracle):
             mean_of_key[k] = float(allt.mean()) if allt.size else float("nan")
         return float(np.mean([mean_of_key[k] for k in self.keys]))
 
+    def batched(self, worker: int = 0) -> bool:
+        """Whether worker ``worker``'s trajectories are stepped on a MuJoCo batch (else env.step)."""
+        key = self.keys[worker]
+        if key not in self._covered:
+            self._covered[key] = fast_mujoco.covered(self._env_slots(key, 1)[0], self.horizon)
+        return self.fast_step and self._covered[key]
+
     def close(self) -> None:
+        for st in self._steppers.values():
+            if st is not None:
+                st.close()
+        self._steppers.clear()
         for slots in self._envs.values():
             for e in slots:
                 e.close()
@@ -219,7 +239,8 @@ class RLOracle(Oracle):
                   should_stop: Callable[[], bool] | None = None) -> list[dict[int, WorkerBatch]]:
         """``[run_chunk(point, chunk) for point, chunk in tasks]``, bit for bit, but with the
         trajectories of consecutive tasks that share an env_key rolled out together (each with
-        its own point) in batches of up to max(rollout_batch, chunk length) trajectories."""
+        its own point) in batches of up to max(rollout_batch, chunk length) trajectories (at least
+        BATCH_PACK on a MuJoCo batch, where more simulations per step cost less per step)."""
         results: list = [None] * len(tasks)
         groups: dict[tuple, list[int]] = {}
         for i, (_, chunk) in enumerate(tasks):
@@ -229,9 +250,10 @@ class RLOracle(Oracle):
         for key, idx in groups.items():
             pack: list[int] = []
             size = 0
+            least = BATCH_PACK if self.batched(self._rep[key]) else 1
             for i in idx + [None]:
                 n = len(tasks[i][1]) if i is not None else 0
-                if pack and (i is None or size + n > max(self.rollout_batch, len(tasks[pack[0]][1]))):
+                if pack and (i is None or size + n > max(self.rollout_batch, len(tasks[pack[0]][1]), least)):
                     self._run_pack(key, [tasks[p] for p in pack], pack, results, should_stop)
                     pack, size = [], 0
                 if i is not None:
@@ -300,6 +322,17 @@ class RLOracle(Oracle):
             slots.append(make_env(self.env_cfg, self._rep[key]))
         return slots
 
+    def _stepper(self, key: tuple, n: int):
+        """The key's BatchStepper with at least n simulations (rebuilt when too small), or None."""
+        st = self._steppers.get(key, False)
+        if st is None or (st and st.nsim >= n and st.threads == self.threads):
+            return st
+        if st:
+            st.close()
+        st = fast_mujoco.make_stepper(self._env_slots(key, 1)[0], self.horizon, n, self.threads)
+        self._steppers[key] = st
+        return st
+
     def _weights(self, rewards: np.ndarray) -> np.ndarray:
         """GPOMDP weights: discounted reward-to-go sum_{h>=t} gamma^h r_h (rewards are 0 after the end)."""
         disc = rewards * self._gamma_pow
@@ -332,7 +365,8 @@ class RLOracle(Oracle):
         ``params``: the point shared by all trajectories, or a RowParams with one point per trajectory.
         """
         spec, H, B = self.spec, self.horizon, len(streams)
-        envs = self._env_slots(key, B)
+        fast = self._stepper(key, B) if self.fast_step else None
+        envs = self._env_slots(key, 1 if fast is not None else B)
         seeds = [int(s.integers(0, SEED_HIGH)) for s in streams]
         noise = None
         if not greedy:
@@ -344,15 +378,22 @@ class RLOracle(Oracle):
         rewards = np.zeros((B, H))
         lengths = np.zeros(B, dtype=np.int64)
         obs = np.empty((B, spec.obs_dim))
-        for b in range(B):
-            obs[b] = envs[b].reset(seed=seeds[b])[0]
+        if fast is not None:
+            obs[:] = fast.reset(range(B), seeds)
+        else:
+            for b in range(B):
+                obs[b] = envs[b].reset(seed=seeds[b])[0]
         bad = ~np.isfinite(obs).all(axis=1)
         alive = np.flatnonzero(~bad)
         discrete = spec.kind == "categorical"
-        fast = fast_mujoco.make_stepper(envs[:B], H) if self.fast_step else None
         per_row = isinstance(params, policies.RowParams)
         if not per_row:
             params = policies.Prepared(spec, params)
+        if fast is not None and self.threads > 1 and B > 1:
+            lanes = (alive[alive < B // 2], alive[alive >= B // 2])
+            self._lanes(fast, lanes, params, per_row, noise, obs, obs_buf, samp_buf, rewards, lengths, bad, greedy,
+                        should_stop)
+            return Rollout(obs_buf, samp_buf, rewards, lengths, bad)
         live_params, live_rows = params, None
         for t in range(H):
             if alive.size == 0:
@@ -372,7 +413,7 @@ class RLOracle(Oracle):
                 obs_buf[sel, t] = o
                 samp_buf[sel, t] = stored
             if fast is not None:
-                o2, r, done = fast.step(alive.tolist(), actions)
+                o2, r, done = fast.step(alive, actions)
                 obs[sel] = o2
             else:
                 actions = actions.tolist() if discrete else list(actions)
@@ -390,3 +431,56 @@ class RLOracle(Oracle):
                 rewards[alive[broken]] = 0.0
             alive = alive[~(done | broken)]
         return Rollout(obs_buf, samp_buf, rewards, lengths, bad)
+
+    def _lanes(self, fast, lanes, params, per_row, noise, obs, obs_buf, samp_buf, rewards, lengths, bad, greedy,
+               should_stop) -> None:
+        """The loop of :meth:`_rollout` on a MuJoCo batch with two lanes of rows in turn: while one
+        lane's physics runs (on the batch's threads, the GIL released), this thread computes the
+        other lane's policy, observations and rewards. Each row goes through exactly the steps
+        of the one-lane loop (rows are independent), so the result is the same, bit for bit."""
+        spec, H = self.spec, self.horizon
+        state = [{"alive": rows, "t": 0, "rows": None, "params": params, "job": None} for rows in lanes]
+
+        def launch(lane) -> None:  # policy step of the lane, then its physics in the background
+            alive, t = lane["alive"], lane["t"]
+            lane["job"] = None
+            if alive.size == 0 or t >= H:
+                return
+            if should_stop is not None and should_stop():
+                raise Cancelled()  # a real runtime abandons the trajectory within one env step
+            if per_row and (lane["rows"] is None or not np.array_equal(lane["rows"], alive)):
+                lane["rows"], lane["params"] = alive, params.take(alive)
+            o = obs[alive]
+            if greedy:
+                actions = policies.greedy_action(spec, lane["params"], o)
+            else:
+                stored, actions = policies.sample(spec, lane["params"], o, noise[alive, t])
+            if obs_buf is not None:
+                obs_buf[alive, t] = o
+                samp_buf[alive, t] = stored
+            lane["job"] = fast.submit(alive, actions)
+
+        def land(lane) -> None:  # the lane's step results
+            alive, t = lane["alive"], lane["t"]
+            o2, r, done = fast.collect(lane["job"])
+            obs[alive] = o2
+            rewards[alive, t] = r
+            lengths[alive] = t + 1
+            broken = ~(np.isfinite(r) & np.isfinite(o2).all(axis=1))
+            if broken.any():  # stop a broken trajectory at once; its rewards must not reach the weights
+                bad[alive[broken]] = True
+                rewards[alive[broken]] = 0.0
+            lane["alive"], lane["t"] = alive[~(done | broken)], t + 1
+
+        try:
+            for lane in state:
+                launch(lane)
+            while any(lane["job"] is not None for lane in state):
+                for lane in state:
+                    if lane["job"] is not None:
+                        land(lane)
+                        launch(lane)
+        finally:
+            for lane in state:  # never leave physics running on the batch (Cancelled, errors)
+                if lane["job"] is not None:
+                    fast.wait(lane["job"])
