@@ -82,7 +82,7 @@ class WorkersConfig:
 @dataclass
 class RuntimeConfig:
     name: str = "sim"  # sim | ray
-    processes: int = 1  # rollout processes for the simulator (0 = one per core)
+    processes: int = 1  # cores for the simulator's rollouts (0 = all): MuJoCo batch threads, or rollout processes
     # Which random stream a round's trajectory draws from: job = (seed, worker, job index);
     # round = (seed, worker, round, index in the round), so methods whose schedules coincide
     # draw the same trajectories (common random numbers: paired, less noisy comparisons).

@@ -127,7 +127,7 @@ def test_oracle_gradients_identical_with_and_without_fast_step(env_id):
 @pytest.mark.parametrize("name", ["rennala_nigt", "afedpg"])
 def test_training_is_identical_on_1_and_2_cores(tmp_path, name):
     """runtime.processes on a covered MuJoCo env = the batch's threads, in one process: same bits."""
-    import apga.training as train_mod
+    import apga.run.loop as train_mod
     from apga import config as cfgmod
     from apga.oracle.parallel import ParallelOracle
 
