@@ -49,6 +49,11 @@ def pair():
 def assert_gone(procs) -> None:
     """The processes have ended and were reaped (no zombie left)."""
     procs = list(procs.values()) if isinstance(procs, dict) else list(procs)
+    # close() has stopped them; the executor's own thread may be the one that reaps a process (its
+    # exit code then shows a moment later): a generous bound that only catches a hang
+    deadline = time.monotonic() + 60
+    while any(p.exitcode is None for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert procs and all(p.exitcode is not None for p in procs)
     for p in procs:
         with pytest.raises(ProcessLookupError):

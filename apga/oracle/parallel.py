@@ -157,20 +157,24 @@ class RolloutError(RuntimeError):
 def _shutdown(executor, procs: dict, state: dict) -> None:
     """Stop the processes: no new work, then a grace (none after an abandoned call, whose
     units may run for seconds), then terminate / kill, and reap them."""
-    procs = list(procs.values())
+    live = procs
     executor.shutdown(wait=False, cancel_futures=True)
     grace = 0.0 if state.get("abandoned") else GRACE_SECONDS
     deadline = time.monotonic() + grace
-    for p in procs:
+    for p in list(live.values()):
         p.join(max(0.0, deadline - time.monotonic()))
-    for p in procs:
-        for stop in (p.terminate, p.kill):
-            if p.exitcode is None:
-                try:
-                    stop()
-                except (OSError, ValueError):
-                    pass
-                p.join(1.0)
+    for _ in range(3):  # again if the executor started a replacement meanwhile (a process that died)
+        procs = [p for p in list(live.values()) if p.exitcode is None]
+        if not procs:
+            break
+        for p in procs:
+            for stop, seconds in ((p.terminate, 1.0), (p.kill, 30.0)):  # a killed process dies: reap it
+                if p.exitcode is None:
+                    try:
+                        stop()
+                    except (OSError, ValueError):
+                        pass
+                    p.join(seconds)
 
 
 class ProcessPool:
