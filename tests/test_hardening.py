@@ -550,7 +550,13 @@ def test_clean_dead_sessions_spares_live_and_unknown_folders(tmp_path):
     (folders["live"] / "apga-owner").write_text(f"{os.getpid()} {ray_session._start_ticks(os.getpid())}\n")
     (folders["dead"] / "apga-owner").write_text(f"{dead_pid} 12345\n")
     (tmp_path / "apga-ray-file").write_text("not a folder")
-    user = subprocess.Popen(["sh", "-c", "sleep 600", str(folders["dead"] / "x")])  # names the folder
+    # a process that names the folder on its command line and holds a file in it open; it says
+    # "ready" only once both are true, so the scan cannot race its start-up
+    holder = ("import sys, time; f = open(sys.argv[1], 'w'); print('ready', flush=True); "
+              "time.sleep(600)")
+    user = subprocess.Popen([sys.executable, "-c", holder, str(folders["dead"] / "x")],
+                            stdout=subprocess.PIPE, text=True)
+    assert user.stdout.readline().strip() == "ready"
     assert ray_session.clean_dead_sessions(str(tmp_path)) == [str(folders["dead"])]
     assert user.wait(timeout=30) == -9  # killed: it was using the dead session's folder
     assert folders["live"].is_dir() and folders["unknown"].is_dir() and (tmp_path / "apga-ray-file").exists()
