@@ -83,6 +83,10 @@ class WorkersConfig:
 class RuntimeConfig:
     name: str = "sim"  # sim | ray
     processes: int = 1  # cores for the simulator's rollouts (0 = all): MuJoCo batch threads, or rollout processes
+    # Where the simulator's rollout chunks run: local (this machine: batch threads or processes)
+    # or ray (this process plus processes - 1 Ray actors, 0 = one per CPU of the cluster at
+    # runtime.address, or of a private local Ray instance when it is null).
+    pool: str = "local"
     # Which random stream a round's trajectory draws from: job = (seed, worker, job index);
     # round = (seed, worker, round, index in the round), so methods whose schedules coincide
     # draw the same trajectories (common random numbers: paired, less noisy comparisons).
@@ -501,6 +505,15 @@ def validate(cfg: Config) -> None:
              f"must be a finite number of seconds > 0, got {cfg.runtime.worker_timeout}")
     _require(cfg.runtime.processes >= 0, "runtime.processes",
              f"must be >= 0 (0 = one per core), got {cfg.runtime.processes}")
+    _require(cfg.runtime.pool in ("local", "ray"), "runtime.pool",
+             f"must be local or ray, got {_short(cfg.runtime.pool)}")
+    _require(cfg.runtime.pool == "local" or cfg.runtime.name == "sim", "runtime.pool",
+             "ray spreads the simulator's rollouts; runtime.name: ray runs its workers on Ray already (use pool: local)")
+    _require(cfg.runtime.pool == "local" or e.id != "synthetic", "runtime.pool",
+             "ray spreads Gymnasium rollouts; env.id synthetic has none to spread (use pool: local)")
+    _require(cfg.runtime.pool == "local" or cfg.runtime.processes != 1, "runtime.pool",
+             "ray with runtime.processes: 1 has no actor to use; set processes to 0 (every CPU of the "
+             "cluster) or to the number of processes (this one plus processes - 1 actors)")
     _require(any(v is not None for v in (b.time, b.trajectories, b.iterations)), "budget",
              "set at least one of budget.time, budget.trajectories, budget.iterations")
     _require(b.time is None or (math.isfinite(b.time) and b.time > 0), "budget.time",

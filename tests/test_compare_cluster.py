@@ -47,6 +47,13 @@ def cluster():
     tmp = tempfile.mkdtemp(prefix="apga-cluster-")
     os.makedirs(os.path.join(tmp, "ray"))
     os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))  # nodes and drivers: from the environment
+    # Token authentication on the nodes too, as `ray start --head` turns it on when a token is at
+    # hand (Cluster's nodes skip that step): the driver's join() turns it on whenever a token
+    # is, and a driver in token mode talking to nodes without it loses its actors.
+    # (Ray's own call: sets RAY_AUTH_MODE=token for this process and the nodes it starts; a local
+    # apga session turns it on the same way, so it is left on.)
+    from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
     saved = os.environ.get("RAY_TMPDIR")
     os.environ["RAY_TMPDIR"] = tmp  # Cluster writes <tmp>/ray/ray_current_cluster
     c = None
@@ -193,3 +200,33 @@ def _kill_tree_of(temp_dir):
                 p.kill()
         except psutil.Error:
             pass
+
+
+def test_one_simulated_run_spreads_its_rollouts_over_the_nodes(cluster):
+    """runtime.pool: ray with runtime.address: a round's chunks on actors on both nodes; the
+    gradients and evaluations equal one process's bit for bit."""
+    import numpy as np
+
+    from apga.config import EnvConfig, PolicyConfig
+    from apga.oracle.parallel import make_oracle
+    from apga.oracle.rl import RLOracle
+
+    env, policy = EnvConfig(id="Pendulum-v1", horizon=30, invert_obs=True), PolicyConfig(hidden=[8], rollout_batch=2)
+    pooled = make_oracle(env, policy, 3, 7, processes=3, pool="ray", address=cluster.address)
+    one = RLOracle(env, policy, 3, 7)
+    try:
+        pooled.wait_ready()
+        assert len({node for node, _ in pooled.pool.placement}) == 2  # one actor per one-CPU node
+        point = one.initial_point()
+        jobs = [(w, i) for w in range(3) for i in range(4)]  # (worker, job index)
+        got, want = pooled.gradients(point, jobs), one.gradients(point, jobs)
+        assert list(got) == list(want)
+        for w in want:
+            assert np.array_equal(got[w].grad_sum, want[w].grad_sum)
+            assert np.array_equal(got[w].returns, want[w].returns)
+        assert pooled.pool.units_remote > 0
+        assert pooled.evaluate(point, 6, key=1) == one.evaluate(point, 6, key=1)
+    finally:
+        pooled.close()
+        one.close()
+    assert not ray.is_initialized()  # the pool's connection is closed; the cluster is the fixture's

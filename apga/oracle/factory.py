@@ -16,8 +16,9 @@ def build_oracle(cfg):
                         f"{exc.name!r}); reinstall apga, or use env.id: synthetic") from None
     from apga.guards import env_construction
     with env_construction(cfg.env.id):  # any failure to build the environments: one line, exit 2
-        if cfg.runtime.name == "sim" and cfg.runtime.processes != 1:
-            # Rollouts on every core (0 = one process per core); bit-identical to one process.
+        if cfg.runtime.name == "sim" and (cfg.runtime.processes != 1 or cfg.runtime.pool == "ray"):
+            # Rollouts on every core (0 = one per core) or on Ray actors; bit-identical to one process.
             from apga.oracle.parallel import make_oracle
-            return make_oracle(cfg.env, cfg.policy, cfg.workers.n, cfg.seed, cfg.runtime.processes)
+            return make_oracle(cfg.env, cfg.policy, cfg.workers.n, cfg.seed, cfg.runtime.processes,
+                               cfg.runtime.pool, cfg.runtime.address)
         return RLOracle(cfg.env, cfg.policy, cfg.workers.n, cfg.seed)

@@ -278,20 +278,27 @@ class ParallelOracle(Oracle):
     docstring. ``processes``: as runtime.processes (0 = one per core); 1 builds no pool.
     """
 
-    def __init__(self, env, policy, n_workers: int, seed: int, processes: int = 0, local=None):
+    def __init__(self, env, policy, n_workers: int, seed: int, processes: int = 0, local=None,
+                 pool: str = "local", address: str | None = None):
         from apga.oracle.rl import RLOracle
 
         # ``local``: this process's RLOracle of the same configs, if the caller has built it
         self.local = local if local is not None else RLOracle(env, policy, n_workers, seed)
         self.dim, self.n_workers = self.local.dim, self.local.n_workers
-        self.processes = resolve_processes(processes)
         self.pool = None
-        if self.processes > 1:
-            try:
-                self.pool = ProcessPool(self.processes - 1, (env, policy, int(n_workers), int(seed)), self.local)
-            except BaseException:
-                self.local.close()
-                raise
+        init_args = (env, policy, int(n_workers), int(seed))
+        try:
+            if pool == "ray":  # processes: this one plus processes - 1 Ray actors (0: the cluster's CPUs)
+                from apga.oracle.ray_pool import RayPool
+                self.pool = RayPool(int(processes) - 1 if processes else 0, init_args, self.local, address)
+                self.processes = self.pool.children + 1
+            else:
+                self.processes = resolve_processes(processes)
+                if self.processes > 1:
+                    self.pool = ProcessPool(self.processes - 1, init_args, self.local)
+        except BaseException:
+            self.local.close()
+            raise
 
     # ------------------------------------------------------------------ Oracle API
     def initial_point(self) -> np.ndarray:
@@ -343,15 +350,25 @@ class ParallelOracle(Oracle):
         return getattr(self.local, name)
 
 
-def make_oracle(env, policy, n_workers: int, seed: int, processes: int = 1):
+def make_oracle(env, policy, n_workers: int, seed: int, processes: int = 1, pool: str = "local",
+                address: str | None = None):
     """The oracle for runtime.processes = ``processes`` cores (0 = all), bit-identical for any count.
 
     MuJoCo envs that :mod:`apga.oracle.fast_mujoco` covers run in this process, their physics on
     a ``mujoco.batch.Batch`` with one thread per core; every other env gets a ParallelOracle
-    (one process per core) when more than one core is asked for.
+    (one process per core) when more than one core is asked for. ``pool="ray"`` (every env):
+    this process and ``processes - 1`` Ray actors (0: one per CPU of the cluster at
+    ``address``, or of a private local Ray instance), one thread each.
     """
     from apga.oracle.rl import RLOracle
 
+    if pool == "ray":
+        local = RLOracle(env, policy, n_workers, seed)
+        try:
+            return ParallelOracle(env, policy, n_workers, seed, processes, local=local, pool="ray", address=address)
+        except BaseException:
+            local.close()
+            raise
     cores = resolve_processes(processes)
     local = RLOracle(env, policy, n_workers, seed, threads=cores)
     if cores == 1 or all(local.batched(w) for w in range(local.n_workers)):
