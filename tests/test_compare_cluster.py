@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -19,6 +18,8 @@ ray = pytest.importorskip("ray")
 
 from apga.cli import main  # noqa: E402
 from apga.runtime import ray_session  # noqa: E402
+
+from _cluster import loopback_cluster  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
@@ -43,37 +44,8 @@ COMPARE = {
 @pytest.fixture(scope="module")
 def cluster():
     """A head and a worker node, one CPU each, on loopback; torn down (and its files removed) after."""
-    from ray.cluster_utils import Cluster
-    tmp = tempfile.mkdtemp(prefix="apga-cluster-")
-    os.makedirs(os.path.join(tmp, "ray"))
-    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))  # nodes and drivers: from the environment
-    # Token authentication on the nodes too, as `ray start --head` turns it on when a token is at
-    # hand (Cluster's nodes skip that step): the driver's join() turns it on whenever a token
-    # is, and a driver in token mode talking to nodes without it loses its actors.
-    # (Ray's own call: sets RAY_AUTH_MODE=token for this process and the nodes it starts; a local
-    # apga session turns it on the same way, so it is left on.)
-    from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
-    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-    saved = os.environ.get("RAY_TMPDIR")
-    os.environ["RAY_TMPDIR"] = tmp  # Cluster writes <tmp>/ray/ray_current_cluster
-    c = None
-    try:
-        with ray_session._loopback_node_ip():
-            c = Cluster(initialize_head=True, head_node_args={
-                "num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False, "temp_dir": tmp})
-            c.add_node(num_cpus=1, node_ip_address="127.0.0.1", temp_dir=tmp)
-            c.wait_for_nodes()
+    with loopback_cluster() as c:
         yield c
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
-        if c is not None:
-            c.shutdown()
-        if saved is None:
-            os.environ.pop("RAY_TMPDIR", None)
-        else:
-            os.environ["RAY_TMPDIR"] = saved
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _write(path, data):

@@ -265,18 +265,22 @@ def test_ray_address_refused_before_the_run_dir(tmp_path, address, words):
                               "--set", f"runtime.address={address}"], *words, timeout=60)
 
 
-@pytest.fixture
-def read_only_dir(tmp_path):
-    """A read-only tmpfs (root ignores chmod, so a mount is the only honest read-only dir)."""
-    path = tmp_path / "ro"
+def _tmpfs(path, options: str, why: str):
+    """A tmpfs mounted at ``path`` with ``options`` for the test's duration (skipped without root)."""
     path.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(path)],
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
                                             capture_output=True).returncode != 0:
-        pytest.skip("needs root and mount to make a read-only file system")
+        pytest.skip(f"needs root and mount {why}")
     try:
         yield path
     finally:
         subprocess.run(["umount", str(path)], check=True)
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A read-only tmpfs (root ignores chmod, so a mount is the only honest read-only dir)."""
+    yield from _tmpfs(tmp_path / "ro", "size=1m,ro", "to make a read-only file system")
 
 
 def test_read_only_out(tmp_path, read_only_dir):
@@ -648,15 +652,7 @@ def _whole_records(path) -> int:
 @pytest.fixture
 def small_disk(tmp_path):
     """A 2 MB tmpfs (needs root)."""
-    path = tmp_path / "disk"
-    path.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(path)],
-                                            capture_output=True).returncode != 0:
-        pytest.skip("needs root and mount for a small tmpfs")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", str(path)], check=True)
+    yield from _tmpfs(tmp_path / "disk", "size=2m", "for a small tmpfs")
 
 
 def test_disk_full(tmp_path, small_disk):

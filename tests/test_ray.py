@@ -11,7 +11,6 @@ import re
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 
 import numpy as np
@@ -304,43 +303,30 @@ def test_rl_cancellation_hook_stops_within_one_env_step():
 
 
 # ============================================================================== two nodes
-def test_two_node_cluster_on_loopback(monkeypatch):
+def test_two_node_cluster_on_loopback():
     """ray.cluster_utils.Cluster with a head and a worker node (both 127.0.0.1): the runtime joins
     it through runtime.address, places one worker actor on each node, and AllReduces across them."""
-    from ray.cluster_utils import Cluster
-    tmp = tempfile.mkdtemp(prefix="apga-cluster-")
-    monkeypatch.setenv("RAY_TMPDIR", tmp)  # Cluster writes <tmp>/ray/ray_current_cluster
-    os.makedirs(os.path.join(tmp, "ray"))
-    cluster = None
+    from _cluster import loopback_cluster
     rt = oracle = None
-    try:
-        with ray_session._loopback_node_ip():
-            cluster = Cluster(initialize_head=True, head_node_args={
-                "num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False, "temp_dir": tmp})
-            cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1", temp_dir=tmp)
-            cluster.wait_for_nodes()
-        cfg = config("rennala_nigt", "allreduce", address=cluster.address)
-        oracle = build_oracle(cfg)
-        rt = build_runtime(cfg, oracle)
-        rt.start()
-        nodes = {info["node_id"] for info in rt.worker_info}
-        assert len(nodes) == 2, rt.worker_info
-        assert {n["NodeID"] for n in ray.nodes() if n["Alive"]} == nodes
-        for _ in range(2):
-            ev = rt.step()
-            assert sum(ev.counts) == M
-        assert rt.resyncs == 0
-        assert ray_session.non_loopback_sockets() == []
-    finally:
-        if rt is not None:
-            rt.close()  # disconnects the driver; the cluster is not ours to stop
-        if oracle is not None:
-            oracle.close()
-        if ray.is_initialized():
-            ray.shutdown()
-        if cluster is not None:
-            cluster.shutdown()
-        shutil.rmtree(tmp, ignore_errors=True)
+    with loopback_cluster() as cluster:
+        try:
+            cfg = config("rennala_nigt", "allreduce", address=cluster.address)
+            oracle = build_oracle(cfg)
+            rt = build_runtime(cfg, oracle)
+            rt.start()
+            nodes = {info["node_id"] for info in rt.worker_info}
+            assert len(nodes) == 2, rt.worker_info
+            assert {n["NodeID"] for n in ray.nodes() if n["Alive"]} == nodes
+            for _ in range(2):
+                ev = rt.step()
+                assert sum(ev.counts) == M
+            assert rt.resyncs == 0
+            assert ray_session.non_loopback_sockets() == []
+        finally:
+            if rt is not None:
+                rt.close()  # disconnects the driver; the cluster is not ours to stop
+            if oracle is not None:
+                oracle.close()
 
 
 def test_nothing_left_running():

@@ -24,7 +24,7 @@ from __future__ import annotations
 import collections
 import os
 
-from apga.errors import ApgaError
+from apga.errors import ConfigError
 from apga.oracle.parallel import PoolError, RolloutError, _run_unit
 
 ACTOR_START_TIMEOUT = 600.0  # seconds for every actor to build its oracle (a loaded cluster imports torch slowly)
@@ -59,6 +59,10 @@ class RayPool:
     ``local_oracle``."""
 
     def __init__(self, children: int, init_args: tuple, local_oracle, address: str | None):
+        try:
+            import ray  # noqa: F401 (an optional dependency)
+        except ModuleNotFoundError:
+            raise ConfigError("runtime.pool: ray needs Ray: pip install 'apga[ray]', or use runtime.pool: local") from None
         from apga.runtime import ray_session
 
         self.local = local_oracle
@@ -152,10 +156,3 @@ class RayPool:
         if session is not None:
             session.close()
 
-
-def check_usable() -> None:
-    """Refuse ``runtime.pool: ray`` when Ray is not installed (one line, before any write)."""
-    try:
-        import ray  # noqa: F401
-    except ModuleNotFoundError:
-        raise ApgaError("runtime.pool: ray needs Ray: pip install 'apga[ray]' (or runtime.pool: local)") from None
