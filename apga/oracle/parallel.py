@@ -106,6 +106,32 @@ def group_units(sizes: Sequence[int], processes: int, cap: int) -> list[list[int
     return units
 
 
+def share_units(pool, units: list, submit, finished, value, wait_any, flying: dict) -> list:
+    """Results of ``units`` (in order), computed by ``pool``'s remote slots and by ``pool.local``:
+    one unit in flight per free slot, taken from the front of the list, while this process
+    computes units from the back (dynamic balance). ``submit(unit)`` starts a unit on a free slot
+    (``pool.children`` of them) and returns its handle; ``finished(handles)`` lists those done;
+    ``value(handle)`` gives a done unit's result and frees its slot; ``wait_any(handles)`` blocks
+    until one is done. ``flying`` (handle -> unit index) is the caller's, to cancel on an error.
+    Counts the units in ``pool.units_local`` and ``pool.units_remote``."""
+    results: list = [None] * len(units)
+    todo = collections.deque(range(len(units)))
+    while todo or flying:
+        while todo and len(flying) < pool.children:
+            i = todo.popleft()
+            flying[submit(units[i])] = i
+        for handle in finished(list(flying)):
+            results[flying.pop(handle)] = value(handle)
+            pool.units_remote += 1
+        if todo:
+            i = todo.pop()
+            results[i] = _run_unit(pool.local, units[i])
+            pool.units_local += 1
+        elif flying:
+            wait_any(list(flying))
+    return results
+
+
 # ----------------------------------------------------------------------------- child process
 _CHILD = {"oracle": None, "error": None}  # per rollout process: its RLOracle, or why it has none
 
@@ -240,23 +266,11 @@ class ProcessPool:
             raise PoolError(f"the rollout pool is unusable: {self.broken}")
         if not self._finalizer.alive:
             raise PoolError("the rollout pool is closed")
-        results: list = [None] * len(units)
-        todo = collections.deque(range(len(units)))
         flying: dict = {}
         try:
-            while todo or flying:
-                while todo and len(flying) < self.children:  # one unit in flight per process
-                    i = todo.popleft()
-                    flying[self.executor.submit(_child_unit, units[i])] = i
-                for f in [f for f in flying if f.done()]:
-                    results[flying.pop(f)] = self._value(f)
-                    self.units_remote += 1
-                if todo:  # meanwhile, this process takes units from the other end
-                    i = todo.pop()
-                    results[i] = _run_unit(self.local, units[i])
-                    self.units_local += 1
-                elif flying:
-                    wait(list(flying), return_when=FIRST_COMPLETED)
+            return share_units(self, units, lambda unit: self.executor.submit(_child_unit, unit),
+                               lambda futures: [f for f in futures if f.done()], self._value,
+                               lambda futures: wait(futures, return_when=FIRST_COMPLETED), flying)
         except BrokenProcessPool:  # raised by submit once the executor knows
             self._state["abandoned"] = True
             raise self._dead() from None
@@ -267,7 +281,6 @@ class ProcessPool:
             for f in flying:
                 f.cancel()
             raise
-        return results
 
 
 # ----------------------------------------------------------------------------- the oracle
@@ -362,13 +375,8 @@ def make_oracle(env, policy, n_workers: int, seed: int, processes: int = 1, pool
     """
     from apga.oracle.rl import RLOracle
 
-    if pool == "ray":
-        local = RLOracle(env, policy, n_workers, seed)
-        try:
-            return ParallelOracle(env, policy, n_workers, seed, processes, local=local, pool="ray", address=address)
-        except BaseException:
-            local.close()
-            raise
+    if pool == "ray":  # (ParallelOracle builds its local RLOracle, and closes it if the pool fails)
+        return ParallelOracle(env, policy, n_workers, seed, processes, pool="ray", address=address)
     cores = resolve_processes(processes)
     local = RLOracle(env, policy, n_workers, seed, threads=cores)
     if cores == 1 or all(local.batched(w) for w in range(local.n_workers)):

@@ -21,11 +21,10 @@ are in ``docs/ray.md``).
 """
 from __future__ import annotations
 
-import collections
 import os
 
 from apga.errors import ConfigError
-from apga.oracle.parallel import PoolError, RolloutError, _run_unit
+from apga.oracle.parallel import PoolError, RolloutError, _run_unit, share_units
 
 ACTOR_START_TIMEOUT = 600.0  # seconds for every actor to build its oracle (a loaded cluster imports torch slowly)
 
@@ -60,7 +59,7 @@ class RayPool:
 
     def __init__(self, children: int, init_args: tuple, local_oracle, address: str | None):
         try:
-            import ray  # noqa: F401 (an optional dependency)
+            import ray  # an optional dependency
         except ModuleNotFoundError:
             raise ConfigError("runtime.pool: ray needs Ray: pip install 'apga[ray]', or use runtime.pool: local") from None
         from apga.runtime import ray_session
@@ -71,7 +70,6 @@ class RayPool:
         self.session = ray_session.open_session(address)
         self.actors: list = []
         try:
-            import ray
             if children <= 0:
                 children = max(1, cluster_cpus() - 1)
             self.children = int(children)
@@ -119,29 +117,20 @@ class RayPool:
             raise PoolError(f"the Ray rollout pool is unusable: {self.broken}")
         if self.actors is None:
             raise PoolError("the Ray rollout pool is closed")
-        results: list = [None] * len(units)
-        todo = collections.deque(range(len(units)))
-        idle = list(self.actors)
-        flying: dict = {}  # ObjectRef -> (unit index, actor)
-        while todo or flying:
-            while todo and idle:  # one unit in flight per actor
-                i = todo.popleft()
-                actor = idle.pop()
-                flying[actor.run.remote(units[i])] = (i, actor)
-            if flying:
-                done, _ = ray.wait(list(flying), num_returns=len(flying), timeout=0)
-                for ref in done:
-                    i, actor = flying.pop(ref)
-                    results[i] = self._value(ref)
-                    self.units_remote += 1
-                    idle.append(actor)
-            if todo:  # meanwhile, this process takes units from the other end
-                i = todo.pop()
-                results[i] = _run_unit(self.local, units[i])
-                self.units_local += 1
-            elif flying:
-                ray.wait(list(flying), num_returns=1)
-        return results
+        idle, owner = list(self.actors), {}  # free actors; ObjectRef -> the actor computing it
+
+        def submit(unit):
+            actor = idle.pop()
+            ref = actor.run.remote(unit)
+            owner[ref] = actor
+            return ref
+
+        def value(ref):
+            idle.append(owner.pop(ref))
+            return self._value(ref)
+
+        return share_units(self, units, submit, lambda refs: ray.wait(refs, num_returns=len(refs), timeout=0)[0],
+                           value, lambda refs: ray.wait(refs, num_returns=1), {})
 
     def close(self) -> None:
         actors, self.actors = self.actors, None
