@@ -14,6 +14,11 @@ Part 2 (throughput): the same run without injected delays; env steps of the cons
 trajectories per wall second on Ray (n actors) and on the simulator runtime (one process, each
 round one batched rollout of exactly the M consumed trajectories).
 
+``--equal-cores``: the throughput of part 2 at equal cores instead, for a matrix of settings
+(Reacher-v5 H = 50 and Hopper-v5 H = 1000; n = 2 and 10; Rennala NIGT with server and with
+AllReduce aggregation, and AFedPG): the simulator with ``runtime.processes`` = cores against Ray
+with the same number of CPUs, side by side, with the trajectories each computed and used.
+
 A script, not a test: it takes minutes. It starts one local (loopback) Ray instance and removes it.
 """
 from __future__ import annotations
@@ -78,13 +83,104 @@ def run(cfg, rounds: int, warmup: int = 1):
             durations.append(ev.time - before)
             to_stop.append(ev.stop - before)  # round start .. the stop was detected
             reduce.append(ev.time - ev.stop)  # the stop .. the update (halt, uploads, step)
-            counts.append(list(getattr(ev, "counts", None) or seen_jobs[-1]))
+            counts.append(list(getattr(ev, "counts", None) or (seen_jobs[-1] if seen_jobs else [])))
         return {"durations": durations, "wall": wall, "env_steps": steps, "startup": startup,
                 "computed": rt.totals.trajectories_computed, "used": rt.totals.trajectories, "counts": counts,
                 "to_stop": to_stop, "reduce": reduce}
     finally:
         rt.close()
         oracle.close()
+
+
+MATRIX_ENVS = (("Reacher-v5", 50), ("Hopper-v5", 1000))  # env, H (the untrained Hopper falls within ~30 steps)
+MATRIX_METHODS = (("rennala_nigt", "server"), ("rennala_nigt", "allreduce"), ("afedpg", "server"))
+
+
+def matrix_cfg(env: str, horizon: int, n: int, method: str, aggregation: str, runtime: str, updates: int,
+               cores: int, args):
+    alg = {"name": method, "step_size": args.step_size}
+    if method == "rennala_nigt":
+        alg.update(batch_size=args.batch, aggregation=aggregation, momentum=0.1)
+    return load_config({
+        "seed": args.seed,
+        "env": {"id": env, "horizon": horizon},
+        "workers": {"n": n, "compute_time": {"shape": "sqrt", "scale": args.scale}, "comm_time": 0.0},
+        "algorithm": alg,
+        "runtime": {"name": runtime, "inject_delays": False, "processes": cores if runtime == "sim" else 1},
+        "budget": {"iterations": updates},
+        "eval": {"every": 0},
+    })
+
+
+def quiet(limit: float = 0.1, most: float = 30.0) -> None:
+    """Wait until this session's Ray processes (killed actors exiting, idle workers starting)
+    use less than ``limit`` of a core, so that they do not slow the simulator run that follows."""
+    import psutil
+    deadline = time.monotonic() + most
+    while time.monotonic() < deadline:
+        procs = ray_session.ray_processes()
+        for p in procs:
+            try:
+                p.cpu_percent(None)
+            except psutil.Error:
+                pass
+        time.sleep(0.5)
+        busy = 0.0
+        for p in procs:
+            try:
+                busy += p.cpu_percent(None) / 100.0
+            except psutil.Error:
+                pass
+        if busy < limit:
+            return
+
+
+def equal_cores(args) -> list[dict]:
+    """Env steps of used trajectories per wall second, simulator (processes = cores) vs Ray
+    (a local instance with that many CPUs), for every setting of the matrix."""
+    cores = args.cores
+    rows = []
+    session = ray_session.start_local(num_cpus=cores)
+    try:  # each setting on Ray, then at once on the simulator: a change of machine speed hits both
+        for env, horizon in MATRIX_ENVS:
+            for n in (2, 10):
+                for method, aggregation in MATRIX_METHODS:
+                    # the same trajectories for every method: --rounds rounds of M, or M x --rounds updates
+                    updates = args.rounds * (1 if method == "rennala_nigt" else args.batch)
+                    row = {"env": env, "horizon": horizon, "n": n, "method": method, "aggregation": aggregation,
+                           "updates": updates}
+                    for runtime in ("ray", "sim"):
+                        cfg = matrix_cfg(env, horizon, n, method, aggregation, runtime, updates + 1, cores, args)
+                        quiet()
+                        row[runtime] = run(cfg, updates + 1, warmup=1)
+                    rows.append(row)
+                    print(f"  {env} n={n} {method}/{aggregation}: Ray {row['ray']['env_steps'] / row['ray']['wall']:.0f}, "
+                          f"simulator {row['sim']['env_steps'] / row['sim']['wall']:.0f} steps/s", flush=True)
+    finally:
+        session.close()
+    print(f"\nequal cores ({cores}): env steps of used trajectories per wall second "
+          "(first update not counted)")
+    print(f" {'env':<11} {'n':>3} {'method':<22} {'simulator':>10} {'Ray':>9} {'Ray/sim':>8} "
+          f"{'computed':>9} {'used':>6} {'wasted':>7} {'sim wasted':>11}")
+    out = []
+    for row in rows:
+        sim, ray = row["sim"], row["ray"]
+        sim_sps, ray_sps = sim["env_steps"] / sim["wall"], ray["env_steps"] / ray["wall"]
+        wasted = ray["computed"] - ray["used"]
+        name = f"{row['method']}/{row['aggregation']}" if row["method"] == "rennala_nigt" else row["method"]
+        print(f" {row['env']:<11} {row['n']:>3} {name:<22} {sim_sps:>10.0f} {ray_sps:>9.0f} {ray_sps / sim_sps:>8.2f} "
+              f"{ray['computed']:>9} {ray['used']:>6} {wasted:>7} {sim['computed'] - sim['used']:>11}")
+        out.append({"env": row["env"], "horizon": row["horizon"], "n": row["n"], "method": row["method"],
+                    "aggregation": row["aggregation"], "updates": row["updates"], "sim_steps_per_s": sim_sps,
+                    "ray_steps_per_s": ray_sps, "ratio": ray_sps / sim_sps, "ray_computed": ray["computed"],
+                    "ray_used": ray["used"], "ray_wasted": wasted, "sim_computed": sim["computed"],
+                    "sim_used": sim["used"]})
+    try:
+        load = os.getloadavg()
+        print(f" machine: {os.cpu_count()} cores, load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}")
+    except OSError:
+        pass
+    return out
 
 
 def main() -> None:
@@ -94,12 +190,22 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=10)
     p.add_argument("--scale", type=float, default=0.5, help="h_i = sqrt(i) * scale seconds")
     p.add_argument("--batch", type=int, default=20, help="M")
-    p.add_argument("--rounds", type=int, default=12)
+    p.add_argument("--rounds", type=int, default=12, help="rounds (--equal-cores: rounds of M per setting; try 40)")
     p.add_argument("--aggregation", default="server", choices=("server", "allreduce"))
     p.add_argument("--step-size", type=float, default=2**-6)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the figures here")
+    p.add_argument("--equal-cores", action="store_true",
+                   help="only the equal-core throughput matrix (simulator vs Ray, side by side)")
+    p.add_argument("--cores", type=int, default=os.cpu_count() or 1,
+                   help="--equal-cores: simulator processes and Ray CPUs (default: this machine's cores)")
     args = p.parse_args()
+    if args.equal_cores:
+        rows = equal_cores(args)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"args": vars(args), "equal_cores": rows}, f, indent=2)
+        return
 
     h = [math.sqrt(i) * args.scale for i in range(1, args.workers + 1)]
     print(f"Rennala NIGT on {args.env}, n={args.workers}, M={args.batch}, h_i = sqrt(i) x {args.scale} s "

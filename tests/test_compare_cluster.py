@@ -86,7 +86,9 @@ def test_an_interrupted_cluster_compare_resumes(cluster, tmp_path):
     out = tmp_path / "cluster"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     proc = subprocess.Popen([sys.executable, "-m", "apga", "compare", cfg, "--out", str(out), "--address",
-                             cluster.address, "--quiet"], env=env, stderr=subprocess.PIPE)
+                             cluster.address, "--quiet"], env=env, stderr=subprocess.PIPE,
+                            # Ctrl-C as a terminal delivers it, also when pytest runs in the background
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300  # only catches a hang
     while not any(len(v.splitlines()) > 20 for v in _runs(out).values() if os.path.isdir(out)):
         assert proc.poll() is None, proc.stderr.read().decode()

@@ -707,18 +707,31 @@ def test_compare_workers_die_with_their_parent(tmp_path, sig):
     write(tmp_path / "cmp.yaml", COMPARE)
     p = subprocess.Popen([sys.executable, "-m", "apga", "compare", "cmp.yaml", "--out", "out", "--jobs", "2",
                           "--quiet"], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=ROOT),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    runs = [tmp_path / "out" / "default" / "rennala_nigt" / f"seed{k}" for k in (0, 1)]
-    deadline = time.monotonic() + 240
-    while not all((r / "checkpoint.npz").exists() for r in runs):  # both workers are training
-        assert time.monotonic() < deadline and p.poll() is None, "the compare runs did not start"
-        time.sleep(0.2)
-    children = psutil.Process(p.pid).children(recursive=True)
-    assert len(children) >= 2
-    p.send_signal(getattr(signal, sig))
-    p.wait(timeout=60)
-    gone, alive = psutil.wait_procs(children, timeout=60)
-    assert alive == [], [c.pid for c in alive]
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         # SIGHUP as a terminal would deliver it, also when pytest runs under nohup
+                         preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
+    children = []
+    try:
+        runs = [tmp_path / "out" / "default" / "rennala_nigt" / f"seed{k}" for k in (0, 1)]
+        deadline = time.monotonic() + 240
+        while not all((r / "checkpoint.npz").exists() for r in runs):  # both workers are training
+            assert time.monotonic() < deadline and p.poll() is None, "the compare runs did not start"
+            time.sleep(0.2)
+        children = psutil.Process(p.pid).children(recursive=True)
+        assert len(children) >= 2
+        p.send_signal(getattr(signal, sig))
+        p.wait(timeout=60)
+        gone, alive = psutil.wait_procs(children, timeout=60)
+        assert alive == [], [c.pid for c in alive]
+    finally:  # a failed check must not leave a million-iteration compare running
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        for child in children:
+            try:
+                child.kill()
+            except psutil.Error:
+                pass
     for r in runs:  # the locks are free: a re-run would not be "in use by another apga process"
         fd = os.open(r / ".lock", os.O_RDWR)
         try:

@@ -6,11 +6,14 @@ into starting actor processes. One local Ray instance serves a whole test class.
 """
 from __future__ import annotations
 
+import glob
 import os
 import re
 import shutil
 import signal
 import subprocess
+import sys
+import tempfile
 import time
 
 import numpy as np
@@ -160,6 +163,75 @@ class TestLocal:
             oracle.close()
             sim_oracle.close()
 
+    def test_batched_rounds_consume_whole_batches_of_exact_gradients(self):
+        """Real time, policy.rollout_batch 8, 2 workers on 2 CPUs: each actor rolls its target
+        out as one oracle call (one batch, one GPOMDP pass), then goes on one job at a time. A
+        batch's gradients finish together, so the consumption rule takes whole batches (ties),
+        and the round's update equals one recomputed from exactly those oracle calls."""
+        import copy
+        from apga.oracle.base import WorkerBatch
+        from apga.runtime.ray_runtime import round_targets
+        cfg = load_config({**_as_dict(config("rennala_nigt", "server")),
+                           "policy": {"hidden": [16, 16], "rollout_batch": 8},
+                           "algorithm": {"name": "rennala_nigt", "batch_size": 8, "step_size": 0.05,
+                                         "momentum": 0.5}})
+        oracle = build_oracle(cfg)
+        rt = build_runtime(cfg, oracle)
+        last = None
+        try:
+            for k in range(3):
+                before, first = copy.deepcopy(rt.alg), list(rt.next_job)
+                targets = round_targets(before, [True, True], last)
+                assert sum(targets) == 8 and (k > 0 or targets == [4, 4])
+                point = before.round_point()
+                ev = rt.step()
+                last = ev.counts
+                assert sum(ev.counts) >= 8 and ev.update.used + ev.update.rejected == sum(ev.counts)
+                sums = {}
+                for w, b in enumerate(ev.counts):
+                    assert b == 0 or b >= targets[w]  # never part of a batch
+                    if b:
+                        jobs = range(first[w], first[w] + b)
+                        calls = [list(jobs[:targets[w]])] + [[j] for j in jobs[targets[w]:]]
+                        total = WorkerBatch.empty(oracle.dim)
+                        for call in calls:
+                            total = total.merge(oracle.gradients(point, [(w, j) for j in call])[w])
+                        sums[w] = total
+                before.finish_round(sums)  # two workers: the sum's order does not matter
+                np.testing.assert_array_equal(rt.alg.theta, before.theta)
+            assert rt.totals.trajectories_computed >= rt.totals.trajectories
+        finally:
+            rt.close()
+            oracle.close()
+
+    def test_workers_sharing_cores_hold_at_their_targets_and_are_extended(self, monkeypatch):
+        """4 workers on 2 CPUs (real time): each computes exactly its target (2 of M = 8) and
+        waits, so rounds consume 2 + 2 + 2 + 2 with nothing computed in vain; when a worker is
+        killed mid-round its share never comes, every live worker waits, and the driver extends
+        their targets until the round closes."""
+        cfg = load_config({**_as_dict(config("rennala_nigt", "server", n=4)),
+                           "policy": {"hidden": [16, 16], "rollout_batch": 8},
+                           "algorithm": {"name": "rennala_nigt", "batch_size": 8, "step_size": 0.05,
+                                         "momentum": 0.5}})
+        oracle = build_oracle(cfg)
+        rt = build_runtime(cfg, oracle)
+        try:
+            for _ in range(2):
+                assert rt.step().counts == [2, 2, 2, 2]
+            assert rt.totals.trajectories_computed == rt.totals.trajectories == 16
+            kill_mid_round(monkeypatch, rt, rt.worker_pids()[3])
+            ev = rt.step()  # holding workers with nobody to extend them would hang here
+            assert sum(ev.counts) >= 8 and ev.update.used + ev.update.rejected == sum(ev.counts)
+            if ev.counts[3] == 0:  # the targets 2 + 2 + 2 fell short: extended
+                assert sum(ev.counts[:3]) >= 8 and max(ev.counts) >= 3
+            deadline = time.monotonic() + 120  # only catches a hang
+            while rt.restarts == 0:
+                assert sum(rt.step().counts) >= 8
+                assert time.monotonic() < deadline
+        finally:
+            rt.close()
+            oracle.close()
+
     def test_trainer_runs_afedpg_and_checkpoints_on_ray(self, tmp_path, capfd):
         """apga.run.train with runtime: ray and AFedPG: one gradient per update, one vector each way,
         metrics on the wall clock, a checkpoint whose runtime loads without Ray."""
@@ -270,6 +342,23 @@ class TestLocal:
             oracle.close()
 
 
+def test_round_targets_split_the_closing_total_by_the_last_round():
+    """The batch hints: the smallest total that closes the round, split among the live workers
+    in proportion to the last round's counts (equally at first); any protocol, never named."""
+    from apga.protocol.registry import make_protocol
+    from apga.runtime.ray_runtime import apportion, round_targets
+    assert apportion(20, [12, 8]) == [12, 8] and apportion(7, [1, 1, 1]) == [3, 2, 2]
+    assert apportion(5, [0, 0]) == [0, 0]
+    theta = np.zeros(3)
+    rennala = make_protocol("rennala_nigt", 3, theta, 0.1, batch_size=20)
+    assert round_targets(rennala, [True] * 3, None) == [7, 7, 6]
+    assert round_targets(rennala, [True] * 3, [12, 8, 0]) == [12, 8, 0]
+    assert round_targets(rennala, [True, False, True], [12, 8, 0]) == [20, 0, 0]
+    assert round_targets(rennala, [True, False, True], [0, 8, 0]) == [10, 0, 10]  # nobody left: equal
+    sync = make_protocol("sync_nigt", 3, theta, 0.1, batch_size=6)
+    assert round_targets(sync, [True] * 3, None) == [sync.quota(w) for w in range(3)] == [2, 2, 2]
+
+
 def kill_mid_round(monkeypatch, rt, pid):
     """SIGKILL ``pid`` from inside the next round, once the driver has begun it and waits for
     the workers' first reports (an event of the round, not a timer)."""
@@ -327,6 +416,41 @@ def test_two_node_cluster_on_loopback():
                 rt.close()  # disconnects the driver; the cluster is not ours to stop
             if oracle is not None:
                 oracle.close()
+
+
+def test_an_interrupted_start_leaves_nothing_running(tmp_path):
+    """Ctrl-C (or a failure) right after ray.init has started Ray's processes, inside
+    start_local: they are stopped and the private folder is gone (a driver process of its own, so
+    that this one's Ray state is untouched)."""
+    psutil = ray_session._psutil()
+    script = tmp_path / "driver.py"
+    script.write_text(
+        "import os, ray\n"
+        "from apga.runtime import ray_session\n"
+        "real = ray.init\n"
+        "def init(**kwargs):\n"
+        "    real(**kwargs)\n"
+        "    print('pids', *[p.pid for p in ray_session.ray_processes()], flush=True)\n"
+        "    raise KeyboardInterrupt\n"
+        "ray.init = init\n"
+        "try:\n"
+        "    ray_session.start_local(1)\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted', flush=True)\n")
+    before = set(glob.glob(f"{tempfile.gettempdir()}/{ray_session.TEMP_PREFIX}*"))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300).stdout
+    assert "interrupted" in out, out
+    pids = [int(x) for x in out.split("pids", 1)[1].split("\n", 1)[0].split()]
+    assert pids  # GCS, raylet, agents were up
+
+    def running(pid):
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    assert [pid for pid in pids if running(pid)] == []
+    assert set(glob.glob(f"{tempfile.gettempdir()}/{ray_session.TEMP_PREFIX}*")) == before
 
 
 def test_nothing_left_running():

@@ -59,6 +59,7 @@ POLL = 2.0  # seconds a progress long-poll waits at most before reporting anyway
 WAKE = 0.5  # seconds the driver waits at most between checks of lost workers
 ACTOR_CONCURRENCY = 8  # call threads per actor (progress, halt, reduce, ... run concurrently)
 START_TIMEOUT = 300.0  # seconds for all actors to come up
+INLINE_BYTES = 64 * 1024  # points up to this size go inline with the calls (Ray inlines < 100 KiB)
 
 
 @dataclass
@@ -79,6 +80,48 @@ def _first_line(exc) -> str:
     cause = getattr(exc, "cause", None) or exc
     text = str(cause).strip().splitlines()
     return text[-1] if text else type(cause).__name__
+
+
+def apportion(total: int, shares: list[float]) -> list[int]:
+    """``total`` split in proportion to ``shares`` (largest remainders, ties to the lower index)."""
+    weight = sum(shares)
+    if total <= 0 or weight <= 0:
+        return [0] * len(shares)
+    exact = [total * s / weight for s in shares]
+    out = [math.floor(x) for x in exact]
+    order = sorted(range(len(shares)), key=lambda w: (-(exact[w] - out[w]), w))
+    for w in order[: total - sum(out)]:
+        out[w] += 1
+    return out
+
+
+def round_targets(protocol, live: list[bool], last: list[int] | None, cap: int = 1 << 20,
+                  base: list[int] | None = None) -> list[int]:
+    """What the driver expects of each worker in a round: the smallest total that closes the
+    round (the protocol's ``round_done``) split among the live workers in proportion to what each
+    contributed to the last round (equally in the first); with ``base`` (the counts so far), the
+    smallest addition to them that closes it. Only a hint for the workers' batch sizes
+    (apga.runtime.ray_worker); which gradients a round consumes is decided by finish times alone."""
+    base = base or [0] * len(live)
+    shares = [float(c) if ok else 0.0 for c, ok in zip(last or [1] * len(live), live)]
+    if sum(shares) <= 0:
+        shares = [1.0 if ok else 0.0 for ok in live]
+    if sum(shares) <= 0:
+        return [0] * len(live)
+
+    def closes(total: int) -> bool:
+        return bool(protocol.round_done([b + a for b, a in zip(base, apportion(total, shares))]))
+
+    high = 1
+    while not closes(high):
+        if high >= cap:
+            return apportion(cap, shares)
+        high *= 2
+    low = high // 2  # closes(low) is false (or low = 0)
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if closes(mid) else (mid, high)
+    return apportion(high, shares)
 
 
 def _default_oracle(cfg):
@@ -113,6 +156,7 @@ class RayRuntime(Runtime):
         self.restarts = 0  # worker restarts seen
         self.resyncs = 0  # AllReduce: times the ranks disagreed and were reset to rank 0's state
         self._round_id = -1
+        self._last_counts: list[int] | None = None  # the last round's consumed counts (batch hints)
         self.oracle_factory = oracle_factory
         self.attach(oracle, times)
 
@@ -163,8 +207,10 @@ class RayRuntime(Runtime):
         try:
             cpus = float(ray.cluster_resources().get("CPU", 1.0))
             per_actor = math.floor(min(1.0, cpus / self.n) * 1e4) / 1e4  # Ray's resource granularity
+            # Workers that share cores (per_actor < 1) wait at their round's target (ray_worker).
             spec = {"n": self.n, "times": self.times, "inject": self.inject, "cancel": self.cancel,
-                    "oracle_factory": self.oracle_factory}
+                    "oracle_factory": self.oracle_factory, "batch": self.cfg.policy.rollout_batch,
+                    "hold": per_actor < 1.0, "aggregation": self.aggregation}
             if self._session is not None:
                 self.say(f"ray: up in {time.monotonic() - t0:.1f} s ({cpus:g} CPUs)")
             self.say(f"ray: starting {self.n} worker actors")
@@ -314,26 +360,37 @@ class RayRuntime(Runtime):
         r = self._round_id
         point = alg.round_point()
         point_digest = digest(point)
-        point_arg = ray.put(point) if server else None  # once per round, every worker gets the ref
+        point_arg = None  # AllReduce: every worker takes the point from its own protocol copy
+        if server:  # a small point travels inline with each begin; a large one once, by reference
+            point_arg = point if point.nbytes <= INLINE_BYTES else ray.put(point)
         quotas = [alg.quota(w) for w in range(n)]
+        targets = round_targets(alg, [w in self._alive for w in range(n)], getattr(self, "_last_counts", None))
         # runtime.streams: round keys trajectories by (update, index in round), as the simulator
         sample_round = alg.version if self.cfg.runtime.streams == "round" else None
         t_start, restarts0, round_wall = self._now(), self.restarts, time.time()
         finishes: list[list[float]] = [[] for _ in range(n)]  # reported finish times, job order
         horizon = [-INF] * n  # every finish before it is reported (per worker)
         stamps = [-1] * n  # the newest report seen per worker
+        waiting = [False] * n  # the newest report says: holding at its target, nothing in flight
+        busy = [True] * n  # the newest report says: computing or a job in flight
+        uploads: dict[int, tuple] = {}  # worker -> (sum of all its gradients, point digest) sent eagerly
         self._calls = {ref: c for ref, c in self._calls.items() if c[0] == "ready"}
 
-        def poll(w: int, kind: str = "progress") -> None:
+        def poll(w: int, kind: str = "progress", since_begin: bool = False) -> None:
             timeout = POLL if kind == "progress" else 0.0  # "report": answer at once
-            self._call(kind, w, self._actors[w].progress.remote(r, stamps[w], timeout))
+            # The first poll of a round: in real time, wait for the first news (a finished batch:
+            # the begin itself says nothing); with injected delays answer at once, since the
+            # worker's horizon (the nominal finish of its job in flight) lets the round stop.
+            since = None if since_begin and not self.inject else stamps[w]
+            self._call(kind, w, self._actors[w].progress.remote(r, since, timeout))
 
         def begin(w: int, late: bool = False) -> None:
-            finishes[w], horizon[w], stamps[w] = [], -INF, -1
+            finishes[w], horizon[w], stamps[w], waiting[w], busy[w] = [], -INF, -1, False, True
+            uploads.pop(w, None)
             self._call("begin", w, self._actors[w].begin.remote(
                 r, point_arg, self.next_job[w], quotas[w], self._origin, self.cancel, sample_round,
-                round_wall, late))
-            poll(w)
+                round_wall, late, targets[w]))
+            poll(w, since_begin=True)
             if server:
                 self.totals.vector_comms += 1  # the download of the point
 
@@ -367,9 +424,15 @@ class RayRuntime(Runtime):
                 return
             if out["stamp"] > stamps[w]:
                 finishes[w], horizon[w], stamps[w] = out["finishes"], out["horizon"], out["stamp"]
+                waiting[w], busy[w] = out.get("waiting", False), out["busy"]
+                if out.get("upload") is not None:
+                    uploads[w] = out["upload"]
             elif out["stamp"] == stamps[w]:
                 horizon[w] = max(horizon[w], out["horizon"])
-            if kind == "progress" and not halting and out["busy"]:
+            # Keep one long poll on a worker whose newest known state is busy. (A late, stale
+            # reply must not start another: a worker already waiting would never answer it.)
+            if kind == "progress" and not halting and busy[w] and not any(
+                    k == "progress" and v == w for k, v, _ in self._calls.values()):
                 poll(w)
 
         def ask_laggards(h: float) -> None:
@@ -382,6 +445,25 @@ class RayRuntime(Runtime):
             for w in sorted(self._alive):
                 if horizon[w] <= min(pending) and w not in asked:
                     poll(w, "report")
+
+        def extend(tally: RoundTally) -> None:
+            """No live worker computes, some wait at their targets, and the round still needs
+            gradients (a worker was lost, or a share came out short): raise the waiting workers'
+            targets by what closes the round."""
+            live = sorted(self._alive)
+            if any(busy[w] for w in live) or not any(waiting[w] for w in live):
+                return
+            extra = round_targets(alg, [w in self._alive and waiting[w] for w in range(n)], None,
+                                  base=tally.counts)
+            now = time.time() - round_wall
+            for w in live:
+                if waiting[w] and extra[w] > 0:
+                    self._actors[w].extend.remote(r, extra[w])
+                    # its next finishes come after this moment; nothing earlier is unreported, and
+                    # a report from before the extension (its stamp) must not raise the horizon
+                    horizon[w], waiting[w], busy[w] = now, False, True
+                    stamps[w] += 0.5
+                    poll(w)
 
         def resume() -> None:
             """After a worker was lost while stopping: the others continue the same round."""
@@ -400,6 +482,7 @@ class RayRuntime(Runtime):
                 if tally.done:
                     break
                 self._check_needed(lambda: alg.can_finish([w in self._alive for w in range(n)]))
+                extend(tally)
                 ask_laggards(h)
                 item = self._wait()
                 if item is not None:
@@ -408,7 +491,8 @@ class RayRuntime(Runtime):
             # -- stop: halt everyone, drain the polls (restarted workers rejoin next round) ---
             halting = True
             for w in sorted(self._alive):
-                self._call("halt", w, self._actors[w].halt.remote(r))
+                if not waiting[w]:  # a waiting worker has nothing in flight and starts nothing
+                    self._call("halt", w, self._actors[w].halt.remote(r))
             while any(k != "ready" for k, _, _ in self._calls.values()):
                 item = self._wait(POLL + 1.0, kinds=("halt", "progress", "report", "begin"))
                 if item is not None:
@@ -421,7 +505,7 @@ class RayRuntime(Runtime):
             # -- one reduction ---------------------------------------------------------------
             try:
                 if server:
-                    update = self._reduce_server(r, tally, point_digest)
+                    update = self._reduce_server(r, tally, point_digest, uploads)
                 else:
                     update = self._reduce_allreduce(r, tally.counts, point_digest)
             except _Lost as lost:
@@ -435,6 +519,7 @@ class RayRuntime(Runtime):
                 continue
             break
         self.clock = self._now()
+        self._last_counts = list(tally.counts)
         self.count(update)
         return RayEvent(self.clock, update, t_start, t_stop, counts=list(tally.counts),
                         restarts=self.restarts - restarts0)
@@ -465,16 +550,21 @@ class RayRuntime(Runtime):
                     raise ApgaError(f"worker {w} failed: {_first_line(exc)}") from exc
         return results, lost
 
-    def _reduce_server(self, r: int, tally: RoundTally, point_digest: str) -> Update:
+    def _reduce_server(self, r: int, tally: RoundTally, point_digest: str, sent_early: dict) -> Update:
+        """Server aggregation: each worker's sum of its first b_w gradients, from the sum its
+        waiting report carried when the round consumes all of them, else by an upload call."""
         counts = tally.counts
         uploaders = tally.order  # workers in the order their first consumed gradient finished
+        early = {w: sent_early[w] for w in uploaders
+                 if w in sent_early and sent_early[w][0].count + sent_early[w][0].rejected == counts[w]}
         sent = time.time()
-        calls = {self._actors[w].upload.remote(r, counts[w]): w for w in uploaders}
+        calls = {self._actors[w].upload.remote(r, counts[w]): w for w in uploaders if w not in early}
         results, lost = self._gather(calls, timeout=self.worker_timeout + POLL)
         if lost:
             raise _Lost(lost)
-        for w in uploaders:
+        for w in calls.values():
             self._measured(w, [("upload", self._ready_at[w] - sent)])
+        results.update(early)
         for w, (batch, pdig) in results.items():
             if pdig != point_digest or batch.count + batch.rejected != counts[w]:
                 raise ApgaError(f"runtime: internal error: worker {w} computed at another point or "

@@ -280,7 +280,14 @@ def start_local(num_cpus: int | None = None) -> Session:
                 _temp_dir=os.path.join(temp_dir, "ray"),
             )
     except BaseException:
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        # Interrupted (Ctrl-C, SIGTERM) or failed after Ray started some of its processes: stop
+        # them too. Removing the folder first would leave them running, and the watchdog, which
+        # finds them through the folder, with nothing to find.
+        try:
+            ray.shutdown()
+        except Exception:  # a half-started instance: what is left is killed below
+            pass
+        _cleanup(temp_dir)
         if watchdog is not None:
             watchdog.stdin.close()
         raise

@@ -1,9 +1,24 @@
 """The body of one Ray worker actor: computes trajectories, keeps its round's local sum, reduces.
 
 One actor = one apga worker ``w``. It is a *threaded* actor: a background compute thread rolls out
-one trajectory at a time (``oracle.gradients(point, [(w, j)])``), while the driver's calls (begin a
-round, wait for progress, halt, upload, AllReduce, ...) are served by Ray's call threads. It never
-names a method: what it computes and how it reduces come from the protocol (apga/protocol/base.py).
+the worker's trajectories, while the driver's calls (begin a round, wait for progress, halt,
+upload, AllReduce, ...) are served by Ray's call threads. It never names a method: what it
+computes and how it reduces come from the protocol (apga/protocol/base.py).
+
+Batches (real time, no injected delays): a round's begin carries a *target*, the number of
+gradients the driver expects of this worker in the round (what it contributed to the last one).
+The worker rolls its next jobs out together, up to the target (at most ``policy.rollout_batch``
+at a time, never past the protocol's quota), as one oracle call: one vectorised rollout and one
+GPOMDP pass, a fraction of the per-step overhead of k single rollouts (every trajectory is
+bit-identical to its one-job rollout; the batch's sum is the oracle's chunk sum). The batch's
+gradients are ready together, so they share one finish time, and the consumption rule takes
+all or none of them (a tie): a round consumes whole batches. Past its target the worker goes on one job at a time, as a round's
+workers do, except when the actors share cores (more workers than CPUs, ``hold``): then a job
+past the target would only take the core from a worker that still owes its share, so the worker
+waits until the round stops or the driver extends its target (:meth:`extend`: when every worker
+is waiting and the round still needs gradients, e.g. after a worker was lost). With injected
+delays every job is one trajectory with its own nominal duration, as in the simulator, and no
+worker holds.
 
 During a round only scalars travel: :meth:`progress` is a long poll that returns the finish
 times of the round's gradients so far and a *horizon*: every gradient of this worker that
@@ -64,6 +79,10 @@ class WorkerActor:
         self.times, self.inject, self.cancel = spec["times"], spec["inject"], spec["cancel"]
         self.comm = self.times.comm[worker] if self.inject else 0.0
         self.oracle = spec["oracle_factory"]()
+        self.batch_max = max(1, int(spec.get("batch", 1)))  # jobs rolled out together at most
+        self.target = 0  # gradients the driver expects of this worker in the round (batches up to it)
+        self.hold = bool(spec.get("hold", False)) and not self.inject  # wait at the target (shared cores)
+        self.eager = self.hold and spec.get("aggregation") == "server"  # a waiting worker's report carries its sum
         self.cv = threading.Condition()
         self.round = -1  # current round id
         self.halted = -1  # the last round halted
@@ -77,13 +96,14 @@ class WorkerActor:
         self.not_before = 0.0  # injected download: the round's first job starts then (epoch s)
         self.origin = time.time()  # epoch of the run clock (for time models that depend on it)
         self.round_wall = time.time()  # epoch at which the current round began (the driver's)
-        self.results: list[WorkerBatch] = []  # finished gradients of the round, in job order
+        self.results: list[WorkerBatch] = []  # finished batches of the round (one or more gradients each), in job order
         self.finishes: list[float] = []  # their round-relative finish times
         self.nominal_begin = 0.0  # injected delays: nominal start of the round's first job
         self.elapsed = Fraction(0)  # injected delays: exact sum of the round's job durations so far
         self.inflight_finish: float | None = None  # nominal finish of the job in flight (inject)
         self.busy_until = 0.0  # epoch at which the job in flight ends at the earliest (inject)
         self.stamp = 0  # bumped on every change a progress poll reports
+        self.begin_stamp = 0  # the stamp the current round's begin set
         self.completed = 0  # trajectories completed (used or discarded) since the last report
         self.timings: list = []  # (kind, seconds) measured since the last report (timings.csv)
         self.job_stop: threading.Event | None = None  # set -> abandon the trajectory in flight
@@ -114,12 +134,13 @@ class WorkerActor:
 
     # ------------------------------------------------------------------ rounds
     def begin(self, r: int, point, first_job: int, limit: int | None, origin: float, cancel: bool,
-              sample_round: int | None, round_wall: float, late: bool = False) -> None:
+              sample_round: int | None, round_wall: float, late: bool = False, target: int = 0) -> None:
         """Start round ``r`` at ``point`` (None: this worker's protocol copy's round point) with
         job indices first_job, first_job + 1, ...; at most ``limit`` jobs; ``cancel``: what its
         halt does. ``sample_round`` (runtime.streams: round): trajectories are keyed by
         (sample_round, index in the round) instead of by job index. ``round_wall``: the driver's
-        epoch of the round's start; ``late``: joining a round under way (after a restart)."""
+        epoch of the round's start; ``late``: joining a round under way (after a restart);
+        ``target``: the gradients expected of this worker in the round (see the module docstring)."""
         with self.cv:
             if r <= self.round:
                 return  # stale or repeated
@@ -134,7 +155,7 @@ class WorkerActor:
                 download = self.comm
             self.round, self.point, self.point_digest = r, np.asarray(point), digest(point)
             self.results, self.finishes, self.started, self.next_job = [], [], 0, first_job
-            self.sample_round, self.round_wall = sample_round, round_wall
+            self.sample_round, self.round_wall, self.target = sample_round, round_wall, int(target)
             # A halt of this round may overtake its begin (call threads run concurrently).
             self.limit, self.origin, self.active = limit, origin, r > self.halted
             now = time.time()
@@ -148,6 +169,7 @@ class WorkerActor:
                 self.nominal_begin = max(download, (now if late else self.busy_until) - round_wall)
             self.elapsed = Fraction(0)
             self.stamp += 1
+            self.begin_stamp = self.stamp
             self.cv.notify_all()
 
     def resume(self, r: int) -> None:
@@ -158,13 +180,16 @@ class WorkerActor:
                 self.stamp += 1
                 self.cv.notify_all()
 
-    def progress(self, r: int, stamp: int, timeout: float) -> dict:
+    def progress(self, r: int, stamp: int | None, timeout: float) -> dict:
         """Long poll: return once something changed since ``stamp`` (a gradient finished, a job
-        started with injected delays, the round halted or ended), or after ``timeout`` seconds."""
+        started with injected delays, the round halted or ended), or after ``timeout`` seconds.
+        ``stamp`` None: since the begin of round ``r`` (the driver's first poll of a round then
+        answers with the first news rather than with the begin itself)."""
         deadline = time.monotonic() + timeout
         with self.cv:
             # A poll may overtake the begin of its round (call threads run concurrently): wait for it.
-            while not self.error and self.round <= r and (self.round < r or self.stamp <= stamp):
+            while not self.error and self.round <= r and (
+                    self.round < r or self.stamp <= (self.begin_stamp if stamp is None else stamp)):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -185,8 +210,17 @@ class WorkerActor:
                 self.cv.notify_all()
             return self._report(r)
 
+    def extend(self, r: int, extra: int) -> None:
+        """Round ``r`` needs more: raise this worker's target by ``extra`` gradients."""
+        with self.cv:
+            if self.round == r and self.active:
+                self.target = max(self.target, self.started) + int(extra)
+                self.stamp += 1
+                self.cv.notify_all()
+
     def _computing(self) -> bool:
-        return self.active and (self.limit is None or self.started < self.limit)
+        return (self.active and (self.limit is None or self.started < self.limit)
+                and (not self.hold or self.started < self.target))
 
     def _horizon(self) -> float:
         """Every gradient of this round that finishes before the horizon has been reported."""
@@ -205,18 +239,36 @@ class WorkerActor:
         done, self.completed = self.completed, 0
         timings, self.timings = self.timings, []
         busy = current and (self.job_stop is not None or self._computing())
+        # holding at its target (hold), nothing in flight, its quota not reached: extend() resumes it
+        waiting = (current and self.hold and self.active and not busy
+                   and (self.limit is None or self.started < self.limit))
+        # A waiting worker has nothing in flight: the round's upload rides on this report (the
+        # driver uses it if the round consumes all of this worker's gradients, else calls upload).
+        upload = None
+        if waiting and self.eager and self.results:
+            upload = (self._merged(self.results), self.point_digest)
         return {"round": self.round, "finishes": list(self.finishes) if current else [],
                 "horizon": self._horizon() if current else INF, "stamp": self.stamp,
-                "next_job": self.next_job, "busy": busy, "completed": done, "timings": timings}
+                "next_job": self.next_job, "busy": busy, "waiting": waiting, "completed": done,
+                "timings": timings, "upload": upload}
 
     def _batch(self, r: int, b: int) -> WorkerBatch | None:
+        """The sum of the round's first ``b`` gradients: whole batches (a batch's gradients share
+        a finish time, so the consumption rule takes all of them or none)."""
         with self.cv:
-            if self.round != r or len(self.results) < b:
-                raise RuntimeError(f"worker {self.w}: round {r} has {len(self.results)} gradients, "
-                                   f"the driver asked for {b} (actor round {self.round})")
-            parts = self.results[:b]
-        if not parts:
-            return None
+            parts, total = [], 0
+            for part in self.results if self.round == r else []:
+                if total >= b:
+                    break
+                parts.append(part)
+                total += part.count + part.rejected
+            if self.round != r or total != b:
+                raise RuntimeError(f"worker {self.w}: round {r} has no first {b} gradients in whole batches "
+                                   f"({len(self.finishes)} gradients, actor round {self.round})")
+        return self._merged(parts) if parts else None
+
+    @staticmethod
+    def _merged(parts: list[WorkerBatch]) -> WorkerBatch:
         out = parts[0]
         for p in parts[1:]:
             out = out.merge(p)  # job order, as the oracle accumulates a worker's jobs
@@ -328,7 +380,7 @@ class WorkerActor:
                 return None
             start = time.time()
             duration = self.times.compute(self.w, job, start - self.origin) if self.inject else 0.0
-            batch = self._run_job(np.asarray(point), job, stop, start + duration)
+            batch = self._run_jobs(np.asarray(point), [job], stop, start + duration)
             done = time.time()
             if batch is None or (self.inject and self.comm > 0 and stop.wait(self.comm)):
                 return None
@@ -338,6 +390,16 @@ class WorkerActor:
                 self.job_stop = None
 
     # ------------------------------------------------------------------ compute
+    def _batch_size(self) -> int:
+        """Jobs the next rollout takes: one with injected delays (each has its own nominal
+        duration) or past the round's target; else up to the target, the quota and batch_max."""
+        if self.inject:
+            return 1
+        left = self.target - self.started
+        if self.limit is not None:
+            left = min(left, self.limit - self.started)
+        return max(1, min(left, self.batch_max))
+
     def _compute_loop(self) -> None:
         while True:
             with self.cv:
@@ -345,17 +407,21 @@ class WorkerActor:
                     self.cv.wait()
                 if self.closing:
                     return
-                r, point, job = self.round, self.point, self.next_job
-                sample = job if self.sample_round is None else round_sample(self.sample_round, self.started)
-                self.next_job += 1
-                self.started += 1
+                r, point = self.round, self.point
+                jobs, samples = [], []
+                for _ in range(self._batch_size()):
+                    jobs.append(self.next_job)
+                    samples.append(self.next_job if self.sample_round is None
+                                   else round_sample(self.sample_round, self.started))
+                    self.next_job += 1
+                    self.started += 1
                 stop = threading.Event()
                 self.job_stop = stop
                 start_wall = max(time.time(), self.not_before)
                 target = start_wall
                 if self.inject:
                     # Nominal times as in the simulator: begin + exact sum of the durations.
-                    duration = self.times.compute(self.w, job, start_wall - self.origin)
+                    duration = self.times.compute(self.w, jobs[0], start_wall - self.origin)
                     self.elapsed += Fraction(duration)
                     self.inflight_finish = self.nominal_begin + float(self.elapsed)
                     target = start_wall + duration
@@ -366,30 +432,33 @@ class WorkerActor:
             batch = None
             try:
                 if wait <= 0 or not stop.wait(wait):  # injected download of the round's point
-                    batch = self._run_job(point, sample, stop, target)
+                    batch = self._run_jobs(point, samples, stop, target)
             except Exception as exc:  # a bug or a broken env: reported to the driver, which stops
                 import traceback
                 with self.cv:
-                    self.error = f"job ({self.w}, {job}) failed: {type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+                    self.error = f"job ({self.w}, {jobs[0]}) failed: {type(exc).__name__}: {exc}\n{traceback.format_exc()}"
                     self.active = False
             with self.cv:
                 self.job_stop = None
                 finished = self.inflight_finish if self.inject else time.time() - self.round_wall
                 self.inflight_finish = None
                 if batch is not None:
-                    self.completed += 1
-                    self.timings.append(("compute", time.time() - start_wall))  # from its due start
+                    self.completed += len(jobs)
+                    self.timings.append(("compute", (time.time() - start_wall) / len(jobs)))  # per job
                     if self.round == r and self.active:
                         self.results.append(batch)
-                        self.finishes.append(finished)
+                        self.finishes.extend([finished] * len(jobs))
                 self.stamp += 1
                 self.cv.notify_all()
 
-    def _run_job(self, point: np.ndarray, sample: int, stop: threading.Event, target: float) -> WorkerBatch | None:
-        """One trajectory at ``point`` drawn from the stream of job key ``sample``, padded to the
-        epoch ``target`` when delays are injected; None if ``stop`` was set before it finished."""
+    def _run_jobs(self, point: np.ndarray, samples: list[int], stop: threading.Event,
+                  target: float) -> WorkerBatch | None:
+        """The gradients at ``point`` of the jobs keyed ``samples``, rolled out together and summed
+        (one oracle call: bit-identical to ``oracle.gradients(point, [(w, s) for s in samples])``);
+        padded to the epoch ``target`` when delays are injected; None if ``stop`` was set before
+        they finished."""
         try:  # the oracle checks ``stop`` before every env step: cancellation within one step
-            out = self.oracle.gradients(point, [(self.w, sample)], should_stop=stop.is_set)
+            out = self.oracle.gradients(point, [(self.w, s) for s in samples], should_stop=stop.is_set)
         except Cancelled:
             return None
         if out is None or stop.is_set():
