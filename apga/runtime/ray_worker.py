@@ -12,13 +12,14 @@ at a time, never past the protocol's quota), as one oracle call: one vectorised 
 GPOMDP pass, a fraction of the per-step overhead of k single rollouts (every trajectory is
 bit-identical to its one-job rollout; the batch's sum is the oracle's chunk sum). The batch's
 gradients are ready together, so they share one finish time, and the consumption rule takes
-all or none of them (a tie): a round consumes whole batches. Past its target the worker goes on one job at a time, as a round's
-workers do, except when the actors share cores (more workers than CPUs, ``hold``): then a job
-past the target would only take the core from a worker that still owes its share, so the worker
-waits until the round stops or the driver extends its target (:meth:`extend`: when every worker
-is waiting and the round still needs gradients, e.g. after a worker was lost). With injected
-delays every job is one trajectory with its own nominal duration, as in the simulator, and no
-worker holds.
+all or none of them (a tie): a round consumes whole batches.
+
+Past its target the worker goes on one job at a time, as a round's workers do, except when the
+actors share cores (more workers than CPUs, ``hold``): then a job past the target would only
+take the core from a worker that still owes its share, so the worker waits until the round stops
+or the driver extends its target (:meth:`extend`: when every worker is waiting and the round
+still needs gradients, e.g. after a worker was lost). With injected delays every job is one
+trajectory with its own nominal duration, as in the simulator, and no worker holds.
 
 During a round only scalars travel: :meth:`progress` is a long poll that returns the finish
 times of the round's gradients so far and a *horizon*: every gradient of this worker that
@@ -444,7 +445,8 @@ class WorkerActor:
                 self.inflight_finish = None
                 if batch is not None:
                     self.completed += len(jobs)
-                    self.timings.append(("compute", (time.time() - start_wall) / len(jobs)))  # per job
+                    # one row per trajectory (timings.csv replays them): a batch's time, shared
+                    self.timings.extend([("compute", (time.time() - start_wall) / len(jobs))] * len(jobs))
                     if self.round == r and self.active:
                         self.results.append(batch)
                         self.finishes.extend([finished] * len(jobs))
