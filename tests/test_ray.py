@@ -352,11 +352,13 @@ def test_round_targets_split_the_closing_total_by_the_last_round():
     theta = np.zeros(3)
     rennala = make_protocol("rennala_nigt", 3, theta, 0.1, batch_size=20)
     assert round_targets(rennala, [True] * 3, None) == [7, 7, 6]
-    assert round_targets(rennala, [True] * 3, [12, 8, 0]) == [12, 8, 0]
-    assert round_targets(rennala, [True, False, True], [12, 8, 0]) == [20, 0, 0]
-    assert round_targets(rennala, [True, False, True], [0, 8, 0]) == [10, 0, 10]  # nobody left: equal
+    assert round_targets(rennala, [True] * 3, [12, 8, 0]) == [11, 8, 1]  # at least 1: another chance
+    assert round_targets(rennala, [True, False, True], [12, 8, 0]) == [18, 0, 2]
+    assert round_targets(rennala, [True, False, True], [0, 8, 0]) == [10, 0, 10]
+    assert round_targets(rennala, [True] * 3, [12, 8, 0], base=[9, 7, 0]) == [2, 2, 0]  # 4 more
     sync = make_protocol("sync_nigt", 3, theta, 0.1, batch_size=6)
     assert round_targets(sync, [True] * 3, None) == [sync.quota(w) for w in range(3)] == [2, 2, 2]
+    assert round_targets(sync, [True, True, False], None) is None  # cannot close without worker 2
 
 
 def kill_mid_round(monkeypatch, rt, pid):

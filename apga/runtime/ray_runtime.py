@@ -96,18 +96,18 @@ def apportion(total: int, shares: list[float]) -> list[int]:
 
 
 def round_targets(protocol, live: list[bool], last: list[int] | None, cap: int = 1 << 20,
-                  base: list[int] | None = None) -> list[int]:
+                  base: list[int] | None = None) -> list[int] | None:
     """What the driver expects of each worker in a round: the smallest total that closes the
-    round (the protocol's ``round_done``) split among the live workers in proportion to what each
-    contributed to the last round (equally in the first); with ``base`` (the counts so far), the
-    smallest addition to them that closes it. Only a hint for the workers' batch sizes
-    (apga.runtime.ray_worker); which gradients a round consumes is decided by finish times alone."""
+    round (the protocol's ``round_done``) split among the ``live`` workers in proportion to what
+    each contributed to the last round, at least 1 (equally in the first, so a worker that
+    contributed nothing gets another chance); with ``base`` (the counts so far), the smallest
+    addition to them that closes it. None if no total up to ``cap`` closes it without the other
+    workers. Only a hint for the workers' batch sizes (apga.runtime.ray_worker); which gradients
+    a round consumes is decided by finish times alone."""
     base = base or [0] * len(live)
-    shares = [float(c) if ok else 0.0 for c, ok in zip(last or [1] * len(live), live)]
+    shares = [max(float(c), 1.0) if ok else 0.0 for c, ok in zip(last or [1] * len(live), live)]
     if sum(shares) <= 0:
-        shares = [1.0 if ok else 0.0 for ok in live]
-    if sum(shares) <= 0:
-        return [0] * len(live)
+        return None
 
     def closes(total: int) -> bool:
         return bool(protocol.round_done([b + a for b, a in zip(base, apportion(total, shares))]))
@@ -115,7 +115,7 @@ def round_targets(protocol, live: list[bool], last: list[int] | None, cap: int =
     high = 1
     while not closes(high):
         if high >= cap:
-            return apportion(cap, shares)
+            return None
         high *= 2
     low = high // 2  # closes(low) is false (or low = 0)
     while high - low > 1:
@@ -364,7 +364,11 @@ class RayRuntime(Runtime):
         if server:  # a small point travels inline with each begin; a large one once, by reference
             point_arg = point if point.nbytes <= INLINE_BYTES else ray.put(point)
         quotas = [alg.quota(w) for w in range(n)]
-        targets = round_targets(alg, [w in self._alive for w in range(n)], getattr(self, "_last_counts", None))
+        last = getattr(self, "_last_counts", None)
+        # Expect the lost workers back if the round cannot close without them (a late begin
+        # brings a restarted worker its share).
+        targets = (round_targets(alg, [w in self._alive for w in range(n)], last)
+                   or round_targets(alg, [True] * n, last) or [0] * n)
         # runtime.streams: round keys trajectories by (update, index in round), as the simulator
         sample_round = alg.version if self.cfg.runtime.streams == "round" else None
         t_start, restarts0, round_wall = self._now(), self.restarts, time.time()
@@ -429,10 +433,13 @@ class RayRuntime(Runtime):
                     uploads[w] = out["upload"]
             elif out["stamp"] == stamps[w]:
                 horizon[w] = max(horizon[w], out["horizon"])
-            # Keep one long poll on a worker whose newest known state is busy. (A late, stale
-            # reply must not start another: a worker already waiting would never answer it.)
-            if kind == "progress" and not halting and busy[w] and not any(
-                    k == "progress" and v == w for k, v, _ in self._calls.values()):
+            # Keep one long poll on a worker whose newest known state is busy or waiting (so
+            # that its death is noticed); never a second one.
+            if kind == "progress" and not halting and (busy[w] or waiting[w]):
+                keep_polling(w)
+
+        def keep_polling(w: int) -> None:
+            if not any(k == "progress" and v == w for k, v, _ in self._calls.values()):
                 poll(w)
 
         def ask_laggards(h: float) -> None:
@@ -455,22 +462,25 @@ class RayRuntime(Runtime):
                 return
             extra = round_targets(alg, [w in self._alive and waiting[w] for w in range(n)], None,
                                   base=tally.counts)
+            if extra is None:  # it cannot close without a lost worker: wait for its restart
+                return
             now = time.time() - round_wall
             for w in live:
                 if waiting[w] and extra[w] > 0:
                     self._actors[w].extend.remote(r, extra[w])
                     # its next finishes come after this moment; nothing earlier is unreported, and
-                    # a report from before the extension (its stamp) must not raise the horizon
+                    # a report from before the extension (its stamp) must not raise the horizon;
+                    # the long poll it has answers with the extension
                     horizon[w], waiting[w], busy[w] = now, False, True
                     stamps[w] += 0.5
-                    poll(w)
+                    keep_polling(w)
 
         def resume() -> None:
             """After a worker was lost while stopping: the others continue the same round."""
             for w in sorted(self._alive):
                 self._actors[w].resume.remote(r)
-                horizon[w] = -INF
-                poll(w)
+                horizon[w], busy[w], waiting[w] = -INF, True, False
+                keep_polling(w)
 
         for w in sorted(self._alive):
             begin(w)
@@ -493,6 +503,9 @@ class RayRuntime(Runtime):
             for w in sorted(self._alive):
                 if not waiting[w]:  # a waiting worker has nothing in flight and starts nothing
                     self._call("halt", w, self._actors[w].halt.remote(r))
+            for ref, (k, v, _) in list(self._calls.items()):
+                if k == "progress" and waiting[v]:  # its long poll has nothing more to say
+                    del self._calls[ref]
             while any(k != "ready" for k, _, _ in self._calls.values()):
                 item = self._wait(POLL + 1.0, kinds=("halt", "progress", "report", "begin"))
                 if item is not None:

@@ -6,7 +6,8 @@ upload, AllReduce, ...) are served by Ray's call threads. It never names a metho
 computes and how it reduces come from the protocol (apga/protocol/base.py).
 
 Batches (real time, no injected delays): a round's begin carries a *target*, the number of
-gradients the driver expects of this worker in the round (what it contributed to the last one).
+gradients the driver expects of this worker in the round (its share of the smallest total that
+closes the round; apga.runtime.ray_runtime.round_targets).
 The worker rolls its next jobs out together, up to the target (at most ``policy.rollout_batch``
 at a time, never past the protocol's quota), as one oracle call: one vectorised rollout and one
 GPOMDP pass, a fraction of the per-step overhead of k single rollouts (every trajectory is
@@ -185,12 +186,15 @@ class WorkerActor:
         """Long poll: return once something changed since ``stamp`` (a gradient finished, a job
         started with injected delays, the round halted or ended), or after ``timeout`` seconds.
         ``stamp`` None: since the begin of round ``r`` (the driver's first poll of a round then
-        answers with the first news rather than with the begin itself)."""
+        answers with the first news rather than with the begin itself, or at once if the worker
+        has nothing to compute)."""
         deadline = time.monotonic() + timeout
         with self.cv:
             # A poll may overtake the begin of its round (call threads run concurrently): wait for it.
             while not self.error and self.round <= r and (
                     self.round < r or self.stamp <= (self.begin_stamp if stamp is None else stamp)):
+                if stamp is None and self.round == r and self.job_stop is None and not self._computing():
+                    break  # waiting from the start (target 0) or halted: no news will come
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -442,6 +446,8 @@ class WorkerActor:
             with self.cv:
                 self.job_stop = None
                 finished = self.inflight_finish if self.inject else time.time() - self.round_wall
+                if not self.inject and self.finishes and self.round == r:  # in job order, even if the clock steps back
+                    finished = max(finished, self.finishes[-1])
                 self.inflight_finish = None
                 if batch is not None:
                     self.completed += len(jobs)
