@@ -241,8 +241,10 @@ class WorkerActor:
         if self.error:
             raise RuntimeError(self.error)
         current = self.round == r
-        done, self.completed = self.completed, 0
-        timings, self.timings = self.timings, []
+        done, timings = 0, []
+        if current:  # a reply to a poll of a past round may be one the driver no longer waits for
+            done, self.completed = self.completed, 0
+            timings, self.timings = self.timings, []
         busy = current and (self.job_stop is not None or self._computing())
         # holding at its target (hold), nothing in flight, its quota not reached: extend() resumes it
         waiting = (current and self.hold and self.active and not busy
