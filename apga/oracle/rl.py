@@ -35,6 +35,7 @@ env goes through ``env.step``, one env per trajectory.
 """
 from __future__ import annotations
 
+import threading
 from typing import Callable, Sequence
 
 import numpy as np
@@ -98,7 +99,8 @@ class RLOracle(Oracle):
         for w, k in enumerate(self.keys):
             self._rep.setdefault(k, w)
         self._envs: dict[tuple, list] = {}  # env_key -> reusable env instances (one per batch slot)
-        self._steppers: dict[tuple, object] = {}  # env_key -> its fast_mujoco.BatchStepper (or None)
+        self._steppers: dict[tuple, object] = {}  # env_key -> its fast_mujoco.BatchStepper parts (or None)
+        self._pool = None  # threads of the parts after the first (made on first use)
         self._covered: dict[tuple, bool] = {}  # env_key -> whether fast_mujoco covers its env
         # Threads of a MuJoCo batch's physics (never changes a result: see fast_mujoco).
         self.threads = max(1, int(threads))
@@ -203,10 +205,13 @@ class RLOracle(Oracle):
         return self.fast_step and self._covered[key]
 
     def close(self) -> None:
-        for st in self._steppers.values():
-            if st is not None:
+        for parts in self._steppers.values():
+            for st in parts or ():
                 st.close()
         self._steppers.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         for slots in self._envs.values():
             for e in slots:
                 e.close()
@@ -322,16 +327,21 @@ class RLOracle(Oracle):
             slots.append(make_env(self.env_cfg, self._rep[key]))
         return slots
 
-    def _stepper(self, key: tuple, n: int):
-        """The key's BatchStepper with at least n simulations (rebuilt when too small), or None."""
-        st = self._steppers.get(key, False)
-        if st is None or (st and st.nsim >= n and st.threads == self.threads):
-            return st
-        if st:
+    def _parts(self, key: tuple, n: int):
+        """The key's MuJoCo batch parts, one per thread, of ceil(n / threads) simulations each
+        (grown when too small), or None when the env is not covered."""
+        parts = self._steppers.get(key, False)
+        per_part = -(-n // self.threads)
+        if parts is None or (parts and parts[0].nsim >= per_part):
+            return parts
+        for st in parts or ():
             st.close()
-        st = fast_mujoco.make_stepper(self._env_slots(key, 1)[0], self.horizon, n, self.threads)
-        self._steppers[key] = st
-        return st
+        env = self._env_slots(key, 1)[0]
+        first = fast_mujoco.make_stepper(env, self.horizon, per_part)
+        parts = None if first is None else [first] + [
+            fast_mujoco.make_stepper(env, self.horizon, per_part) for _ in range(self.threads - 1)]
+        self._steppers[key] = parts
+        return parts
 
     def _weights(self, rewards: np.ndarray) -> np.ndarray:
         """GPOMDP weights: discounted reward-to-go sum_{h>=t} gamma^h r_h (rewards are 0 after the end)."""
@@ -359,41 +369,108 @@ class RLOracle(Oracle):
 
     def _rollout(self, params, key: tuple, streams: list, store: bool, greedy: bool,
                  should_stop: Callable[[], bool] | None = None) -> Rollout:
-        """Batched rollout: one env per trajectory, one numpy policy forward per step for the live ones.
+        """Batched rollout: one numpy policy forward per step for the live trajectories.
 
         Trajectory b uses only ``streams[b]``: first its reset seed, then its noise for all H steps.
         ``params``: the point shared by all trajectories, or a RowParams with one point per trajectory.
+        On a MuJoCo batch the rows are cut into one block per part and every part runs the step
+        loop over its block on its own thread; rows are independent, so the result does not
+        depend on the number of parts.
         """
         spec, H, B = self.spec, self.horizon, len(streams)
-        fast = self._stepper(key, B) if self.fast_step else None
-        envs = self._env_slots(key, 1 if fast is not None else B)
+        parts = self._parts(key, B) if self.fast_step else None
         seeds = [int(s.integers(0, SEED_HIGH)) for s in streams]
         noise = None
         if not greedy:
             noise = np.empty((B,) + spec.noise_shape(H))
             for b, s in enumerate(streams):
                 noise[b] = policies.draw_noise(spec, s, H)
-        obs_buf = np.zeros((B, H, spec.obs_dim)) if store else None
-        samp_buf = np.zeros((B, H) + spec.sample_shape, dtype=spec.sample_dtype) if store else None
-        rewards = np.zeros((B, H))
-        lengths = np.zeros(B, dtype=np.int64)
+        ro = Rollout(np.zeros((B, H, spec.obs_dim)) if store else None,
+                     np.zeros((B, H) + spec.sample_shape, dtype=spec.sample_dtype) if store else None,
+                     np.zeros((B, H)), np.zeros(B, dtype=np.int64), np.zeros(B, dtype=bool))
         obs = np.empty((B, spec.obs_dim))
-        if fast is not None:
-            obs[:] = fast.reset(range(B), seeds)
+        blocks = []  # (first row, end row, step function) of each part, or of the env.step loop
+        if parts is not None:
+            size = -(-B // len(parts))
+            for part, lo in zip(parts, range(0, B, size)):  # resets on this thread: they share the key's env
+                hi = min(B, lo + size)
+                obs[lo:hi] = part.reset(range(hi - lo), seeds[lo:hi])
+                blocks.append((lo, hi, part.step))
         else:
+            envs = self._env_slots(key, B)
             for b in range(B):
                 obs[b] = envs[b].reset(seed=seeds[b])[0]
-        bad = ~np.isfinite(obs).all(axis=1)
-        alive = np.flatnonzero(~bad)
-        discrete = spec.kind == "categorical"
-        per_row = isinstance(params, policies.RowParams)
-        if not per_row:
+            blocks.append((0, B, self._env_step(envs)))
+        if not isinstance(params, policies.RowParams):
             params = policies.Prepared(spec, params)
-        if fast is not None and self.threads > 1 and B > 1:
-            lanes = (alive[alive < B // 2], alive[alive >= B // 2])
-            self._lanes(fast, lanes, params, per_row, noise, obs, obs_buf, samp_buf, rewards, lengths, bad, greedy,
-                        should_stop)
-            return Rollout(obs_buf, samp_buf, rewards, lengths, bad)
+
+        def loop(lo, hi, step, stop) -> None:  # rows lo..hi-1 on views of the rollout's arrays
+            rows = slice(lo, hi)
+            part = Rollout(*(None if x is None else x[rows] for x in (ro.obs, ro.samples, ro.rewards)),
+                           ro.lengths[rows], ro.bad[rows])
+            part.bad[:] = ~np.isfinite(obs[rows]).all(axis=1)
+            mine = params.take(np.arange(lo, hi)) if isinstance(params, policies.RowParams) and hi - lo < B else params
+            self._steps(np.flatnonzero(~part.bad), step, mine, None if noise is None else noise[rows], obs[rows],
+                        part, greedy, stop)
+
+        if len(blocks) == 1:
+            loop(*blocks[0], should_stop)
+        else:
+            self._on_threads(blocks, loop, should_stop)
+        return ro
+
+    def _env_step(self, envs):
+        discrete = self.spec.kind == "categorical"
+
+        def step(rows, actions):
+            actions = actions.tolist() if discrete else list(actions)
+            obs = np.empty((rows.size, self.spec.obs_dim))
+            rewards = np.empty(rows.size)
+            done = np.zeros(rows.size, dtype=bool)
+            for k, b in enumerate(rows.tolist()):
+                obs[k], rewards[k], term, trunc, _ = envs[b].step(actions[k])
+                done[k] = term or trunc
+            return obs, rewards, done
+
+        return step
+
+    def _on_threads(self, blocks, loop, should_stop) -> None:
+        """``loop(*block, stop)`` for every block at once: the first on this thread, the others
+        on the rollout pool (MuJoCo releases the GIL, so one part's physics runs while another
+        computes its policy). An error or cancellation in one part stops the others within a
+        step and is raised here once all have stopped."""
+        from concurrent.futures import ThreadPoolExecutor, wait
+
+        abort, first = threading.Event(), []
+
+        def stop() -> bool:
+            return abort.is_set() or (should_stop is not None and should_stop())
+
+        def run(*block) -> None:
+            try:
+                loop(*block, stop)
+            except BaseException as exc:
+                if not abort.is_set():
+                    first.append(exc)
+                abort.set()
+
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="apga-rollout")
+        futures = [self._pool.submit(run, *b) for b in blocks[1:]]
+        try:
+            run(*blocks[0])
+            wait(futures)
+        finally:
+            if not all(f.done() for f in futures):  # interrupted while waiting: stop the others
+                abort.set()
+                wait(futures)
+        if first:
+            raise first[0]
+
+    def _steps(self, alive, step, params, noise, obs, ro: Rollout, greedy, should_stop) -> None:
+        """The step loop over rows ``alive`` (one part's, or all): policy, ``step``, bookkeeping."""
+        spec, H, B = self.spec, self.horizon, len(obs)
+        per_row = isinstance(params, policies.RowParams)
         live_params, live_rows = params, None
         for t in range(H):
             if alive.size == 0:
@@ -409,78 +486,15 @@ class RLOracle(Oracle):
                 actions = policies.greedy_action(spec, live_params, o)
             else:
                 stored, actions = policies.sample(spec, live_params, o, noise[sel, t])
-            if store:
-                obs_buf[sel, t] = o
-                samp_buf[sel, t] = stored
-            if fast is not None:
-                o2, r, done = fast.step(alive, actions)
-                obs[sel] = o2
-            else:
-                actions = actions.tolist() if discrete else list(actions)
-                r = np.empty(alive.size)
-                done = np.zeros(alive.size, dtype=bool)
-                for k, b in enumerate(alive.tolist()):
-                    o2, r[k], term, trunc, _ = envs[b].step(actions[k])
-                    obs[b] = o2
-                    done[k] = term or trunc
-            rewards[sel, t] = r
-            lengths[sel] = t + 1
-            broken = ~(np.isfinite(r) & np.isfinite(obs[sel]).all(axis=1))
-            if broken.any():  # stop a broken trajectory at once; its rewards must not reach the weights
-                bad[alive[broken]] = True
-                rewards[alive[broken]] = 0.0
-            alive = alive[~(done | broken)]
-        return Rollout(obs_buf, samp_buf, rewards, lengths, bad)
-
-    def _lanes(self, fast, lanes, params, per_row, noise, obs, obs_buf, samp_buf, rewards, lengths, bad, greedy,
-               should_stop) -> None:
-        """The loop of :meth:`_rollout` on a MuJoCo batch with two lanes of rows in turn: while one
-        lane's physics runs (on the batch's threads, the GIL released), this thread computes the
-        other lane's policy, observations and rewards. Each row goes through exactly the steps
-        of the one-lane loop (rows are independent), so the result is the same, bit for bit."""
-        spec, H = self.spec, self.horizon
-        state = [{"alive": rows, "t": 0, "rows": None, "params": params, "job": None} for rows in lanes]
-
-        def launch(lane) -> None:  # policy step of the lane, then its physics in the background
-            alive, t = lane["alive"], lane["t"]
-            lane["job"] = None
-            if alive.size == 0 or t >= H:
-                return
-            if should_stop is not None and should_stop():
-                raise Cancelled()  # a real runtime abandons the trajectory within one env step
-            if per_row and (lane["rows"] is None or not np.array_equal(lane["rows"], alive)):
-                lane["rows"], lane["params"] = alive, params.take(alive)
-            o = obs[alive]
-            if greedy:
-                actions = policies.greedy_action(spec, lane["params"], o)
-            else:
-                stored, actions = policies.sample(spec, lane["params"], o, noise[alive, t])
-            if obs_buf is not None:
-                obs_buf[alive, t] = o
-                samp_buf[alive, t] = stored
-            lane["job"] = fast.submit(alive, actions)
-
-        def land(lane) -> None:  # the lane's step results
-            alive, t = lane["alive"], lane["t"]
-            o2, r, done = fast.collect(lane["job"])
-            obs[alive] = o2
-            rewards[alive, t] = r
-            lengths[alive] = t + 1
+            if ro.obs is not None:
+                ro.obs[sel, t] = o
+                ro.samples[sel, t] = stored
+            o2, r, done = step(alive, actions)
+            obs[sel] = o2
+            ro.rewards[sel, t] = r
+            ro.lengths[sel] = t + 1
             broken = ~(np.isfinite(r) & np.isfinite(o2).all(axis=1))
             if broken.any():  # stop a broken trajectory at once; its rewards must not reach the weights
-                bad[alive[broken]] = True
-                rewards[alive[broken]] = 0.0
-            lane["alive"], lane["t"] = alive[~(done | broken)], t + 1
-
-        try:
-            for lane in state:
-                launch(lane)
-            while any(lane["job"] is not None for lane in state):
-                for lane in state:
-                    if lane["job"] is not None:
-                        land(lane)
-                        launch(lane)
-        finally:
-            for lane in state:  # never leave physics running on the batch (Cancelled, errors)
-                if lane["job"] is not None:
-                    fast.wait(lane["job"])
+                ro.bad[alive[broken]] = True
+                ro.rewards[alive[broken]] = 0.0
+            alive = alive[~(done | broken)]
