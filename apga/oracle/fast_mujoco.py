@@ -151,7 +151,6 @@ class BatchStepper:
         self.frame_skip = int(core.frame_skip)
         self.dt = core.dt  # a Python float, as the env's property computes it
         self.persistent = kind in NEEDS_CFRC_EXT
-        self.worker = None  # background thread of submit(), made on first use
         self.batch = Batch(model, nsim=nsim, nthread=threads, persistent=self.persistent)
         b = self.batch
         self.state = b.state
@@ -216,55 +215,36 @@ class BatchStepper:
         rows, a, x_before = self._prepare(rows, actions)
         return self._observe(rows, a, x_before, self._physics(rows))
 
-    def submit(self, rows, actions: np.ndarray):
-        """Start stepping ``rows`` in the background; :meth:`collect` returns what :meth:`step`
-        would. One background thread runs the batch's calls in order, so rows stepped by two
-        jobs in flight must be disjoint."""
-        if self.worker is None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            self.worker = ThreadPoolExecutor(1, thread_name_prefix="apga-mujoco-batch")
-        rows, a, x_before = self._prepare(rows, actions)
-        return rows, a, x_before, self.worker.submit(self._physics, rows)
-
-    def collect(self, job):
-        rows, a, x_before, future = job
-        return self._observe(rows, a, x_before, future.result())
-
-    @staticmethod
-    def wait(job) -> None:
-        """Wait for a job's physics to end, whatever its outcome (after an error elsewhere)."""
-        try:
-            job[3].result()
-        except BaseException:
-            pass
-
     def close(self) -> None:
-        if self.worker is not None:
-            self.worker.shutdown(wait=True)
-            self.worker = None
+        """Nothing to release (kept for the callers' symmetry with env.close)."""
 
     def _prepare(self, rows, actions):
-        rows = np.asarray(rows, dtype=np.int32)
         a = np.ascontiguousarray(actions, dtype=np.float64)
         if self.act_sign < 0:
             a = -a  # what the core env receives (ActionSign: -np.asarray(action))
-        self.ctrl[rows] = a
-        x_before = self.qpos[rows, 0] if self.kind in ("hopper", "walker2d", "half_cheetah", "swimmer") else None
+        if len(rows) == self.nsim:  # every simulation: basic indexing, and step(None)
+            rows = None
+            self.ctrl[:] = a
+        else:
+            rows = np.asarray(rows, dtype=np.int32)
+            self.ctrl[rows] = a
+        x_before = None
+        if self.kind in ("hopper", "walker2d", "half_cheetah", "swimmer"):
+            x_before = self.qpos[:, 0].copy() if rows is None else self.qpos[rows, 0]
         return rows, a, x_before
 
     def _physics(self, rows):
-        """mj_step(nstep=frame_skip) on ``rows``, and their cfrc_ext where the env reads it."""
-        self.batch.step(None if len(rows) == self.nsim else rows, nstep=self.frame_skip)
-        return self._cfrc_ext(rows) if self.persistent else None
+        """mj_step(nstep=frame_skip) on ``rows`` (None: all), and their cfrc_ext where the env reads it."""
+        self.batch.step(rows, nstep=self.frame_skip)
+        return self._cfrc_ext(range(self.nsim) if rows is None else rows) if self.persistent else None
 
     def _observe(self, rows, a, x_before, cfrc):
         kind = self.kind
-        full = len(rows) == self.nsim
-        sel = slice(None) if full else rows
+        # The bound arrays are live views: read here, before this batch's next step. Every
+        # observation below is a new array (concatenate / arithmetic), never a view of them.
+        sel = slice(None) if rows is None else rows
+        n = self.nsim if rows is None else len(rows)
         qpos, qvel = self.qpos[sel], self.qvel[sel]
-        if full:
-            qpos, qvel = qpos.copy(), qvel.copy()
         if kind == "reacher":
             obs, reward, term = self._reacher(qpos, qvel, self.xpos[sel], a)
         elif kind == "inverted_pendulum":
@@ -275,7 +255,7 @@ class BatchStepper:
             x_velocity = (qpos[:, 0] - x_before) / self.dt
             reward = self.fw * x_velocity - self.cw * np.square(a).sum(axis=1)
             obs = np.concatenate((qpos[:, 2:] if self.exclude else qpos, qvel), axis=1)
-            term = np.zeros(len(rows), dtype=bool)
+            term = np.zeros(n, dtype=bool)
         elif kind in ("ant", "humanoid"):
             if kind == "ant":
                 obs, reward, term = self._ant(sel, qpos, qvel, cfrc, a)
@@ -288,7 +268,7 @@ class BatchStepper:
                 obs = -obs
             else:
                 _, sign, flag, dtype = op
-                out = np.empty((len(rows), obs.shape[1] + 1), dtype=dtype)
+                out = np.empty((n, obs.shape[1] + 1), dtype=dtype)
                 np.multiply(obs, sign, out=out[:, :-1])
                 out[:, -1] = flag
                 obs = out
@@ -299,7 +279,7 @@ class BatchStepper:
         model, d, get = self.model, self.scratch, self.batch.get_data
         out = np.empty((len(rows),) + d.cfrc_ext.shape)
         post = mujoco.mj_rnePostConstraint
-        for k, b in enumerate(rows.tolist()):
+        for k, b in enumerate(rows.tolist() if isinstance(rows, np.ndarray) else rows):
             get(b, d)
             post(model, d)
             out[k] = d.cfrc_ext

@@ -281,37 +281,73 @@ class RLOracle(Oracle):
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is caught below: rejected
             weights = self._weights(ro.rewards)
             returns_all = ro.rewards.sum(axis=1)  # undiscounted
-        start = 0
+        # Each (chunk, worker) partial sum is one torch pass over that worker's rows of the chunk;
+        # the passes are independent, so they share the threads (torch releases the GIL).
+        sums, start = [], 0
         for pos, point, (_, chunk) in zip(positions, points, pack_tasks):
             rows = np.arange(start, start + len(chunk))
             start += len(chunk)
-            results[pos] = self._chunk_result(point, chunk, ro, rows, valid, weights, returns_all)
-
-    def _chunk_result(self, point, chunk, ro: "Rollout", rows, valid, weights, returns_all) -> dict[int, WorkerBatch]:
-        """Per-worker partial sums of one chunk whose trajectories are rows ``rows`` of ``ro``."""
-        theta = torch.from_numpy(np.array(point, dtype=np.float64)).requires_grad_(True)
-        workers = np.full(len(ro.lengths), -1)
-        workers[rows] = [w for w, _ in chunk]
-        result = {}
-        for w in dict.fromkeys(workers[rows].tolist()):  # workers in order of first appearance
-            mine = workers == w
-            good = np.flatnonzero(mine & ~ro.bad)
-            rejected = int(np.count_nonzero(mine & ro.bad))
-            steps = int(ro.lengths[mine].sum())
-            grad = np.zeros(self.dim)
-            if good.size:
-                grad = self._grad(theta, ro, good, valid[good], weights[good])
-                if not np.all(np.isfinite(grad)):  # a non-finite score: drop the whole partial sum
-                    grad, rejected, good = np.zeros(self.dim), rejected + good.size, good[:0]
-            result[w] = WorkerBatch(
+            workers = np.full(len(ro.lengths), -1)
+            workers[rows] = [w for w, _ in chunk]
+            results[pos] = {}
+            for w in dict.fromkeys(workers[rows].tolist()):  # workers in order of first appearance
+                sums.append((pos, w, point, workers == w))
+        grads = self._share(lambda item: self._partial_sum(item[2], ro, item[3], valid, weights), sums)
+        for (pos, w, _, mine), (grad, good, rejected) in zip(sums, grads):
+            results[pos][w] = WorkerBatch(
                 grad_sum=grad,
                 count=int(good.size),
                 returns=returns_all[good],
                 lengths=ro.lengths[good].astype(np.int64),
-                env_steps=steps,
+                env_steps=int(ro.lengths[mine].sum()),
                 rejected=rejected,
             )
-        return result
+
+    def _partial_sum(self, point, ro: "Rollout", mine, valid, weights):
+        """(gradient sum, good rows, rejected count) of one worker's rows ``mine`` of a chunk."""
+        good = np.flatnonzero(mine & ~ro.bad)
+        rejected = int(np.count_nonzero(mine & ro.bad))
+        grad = np.zeros(self.dim)
+        if good.size:
+            theta = torch.from_numpy(np.array(point, dtype=np.float64)).requires_grad_(True)
+            grad = self._grad(theta, ro, good, valid[good], weights[good])
+            if not np.all(np.isfinite(grad)):  # a non-finite score: drop the whole partial sum
+                grad, rejected, good = np.zeros(self.dim), rejected + good.size, good[:0]
+        return grad, good, rejected
+
+    def _share(self, fn, items: list) -> list:
+        """``[fn(x) for x in items]``, with this thread and the pool's threads each taking the next
+        item (for independent torch work)."""
+        if self.threads == 1 or len(items) < 2:
+            return [fn(x) for x in items]
+        from concurrent.futures import wait
+
+        out, todo, lock = [None] * len(items), iter(range(len(items))), threading.Lock()
+
+        def work() -> None:
+            while True:
+                with lock:
+                    i = next(todo, None)
+                if i is None:
+                    return
+                out[i] = fn(items[i])
+
+        futures = [self._threads_pool().submit(work) for _ in range(min(self.threads, len(items)) - 1)]
+        try:
+            work()
+        finally:
+            wait(futures)
+        for f in futures:
+            f.result()  # raises a worker thread's error
+        return out
+
+    def _threads_pool(self):
+        """The threads after this one (rollout parts, gradient passes), made on first use."""
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="apga-oracle")
+        return self._pool
 
     # ------------------------------------------------------------------ internals
     def _check_point(self, point) -> np.ndarray:
@@ -439,7 +475,7 @@ class RLOracle(Oracle):
         on the rollout pool (MuJoCo releases the GIL, so one part's physics runs while another
         computes its policy). An error or cancellation in one part stops the others within a
         step and is raised here once all have stopped."""
-        from concurrent.futures import ThreadPoolExecutor, wait
+        from concurrent.futures import wait
 
         abort, first = threading.Event(), []
 
@@ -454,9 +490,7 @@ class RLOracle(Oracle):
                     first.append(exc)
                 abort.set()
 
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="apga-rollout")
-        futures = [self._pool.submit(run, *b) for b in blocks[1:]]
+        futures = [self._threads_pool().submit(run, *b) for b in blocks[1:]]
         try:
             run(*blocks[0])
             wait(futures)
@@ -492,9 +526,14 @@ class RLOracle(Oracle):
             o2, r, done = step(alive, actions)
             obs[sel] = o2
             ro.rewards[sel, t] = r
-            ro.lengths[sel] = t + 1
-            broken = ~(np.isfinite(r) & np.isfinite(o2).all(axis=1))
-            if broken.any():  # stop a broken trajectory at once; its rewards must not reach the weights
+            ends = done
+            if not (np.isfinite(r).all() and np.isfinite(o2).all()):
+                # stop a broken trajectory at once; its rewards must not reach the weights
+                broken = ~(np.isfinite(r) & np.isfinite(o2).all(axis=1))
                 ro.bad[alive[broken]] = True
                 ro.rewards[alive[broken]] = 0.0
-            alive = alive[~(done | broken)]
+                ends = done | broken
+            if ends.any():
+                ro.lengths[alive[ends]] = t + 1
+                alive = alive[~ends]
+        ro.lengths[alive] = H  # the rows still alive ran to the horizon
