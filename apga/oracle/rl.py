@@ -28,10 +28,13 @@ result is bit-identical to running it alone.
 
 Stepping: the MuJoCo v5 tasks that :mod:`apga.oracle.fast_mujoco` covers (Hopper, Walker2d,
 HalfCheetah, Reacher, Swimmer, InvertedPendulum, Ant, Humanoid) run a rollout as the simulations
-of one ``mujoco.batch.Batch`` (physics on ``threads`` threads, observations and rewards
-vectorised, bit-identical to ``env.step`` at any thread count); with more than one thread the
-rows go in two lanes, one lane's policy computed while the other's physics runs. Every other
-env goes through ``env.step``, one env per trajectory.
+of ``mujoco.batch.Batch`` (observations and rewards vectorised, bit-identical to ``env.step``):
+with ``threads`` > 1 the rows are cut into one block per thread, each block a batch of its own
+whose whole step loop (policy, physics with the GIL released, observations) runs on its
+thread, so one block's policy is computed while another's physics runs and no thread waits
+for another between steps. The torch passes of a round's (chunk, worker) partial sums share
+the same threads. Results never depend on the thread count. Every other env goes through
+``env.step``, one env per trajectory.
 """
 from __future__ import annotations
 
