@@ -24,7 +24,7 @@ simulator turns into training, next to what the hardware and a peer library do:
   gym_single     one Gymnasium env in one process, env.step with pre-drawn numpy random
                  actions (not action_space.sample), reset when an episode ends.
   apga           `apga train` with Rennala NIGT, M = 32, 10 workers with h_i = sqrt(i), on all
-                 cores (runtime.processes, default one per core: the MuJoCo batch's threads, or
+                 cores (runtime.processes, default one per core: threads of MuJoCo batches, or
                  rollout processes for an env the batch does not cover), evaluation off: env
                  steps of the consumed trajectories per wall second, after one warm-up round.
   sb3_a2c        Stable-Baselines3 A2C, 8 envs (DummyVecEnv, SB3's default), 64x64 policy and
