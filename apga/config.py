@@ -82,7 +82,7 @@ class WorkersConfig:
 @dataclass
 class RuntimeConfig:
     name: str = "sim"  # sim | ray
-    processes: int = 1  # cores for the simulator's rollouts (0 = all): MuJoCo batch threads, or rollout processes
+    processes: int = 1  # cores for the simulator's rollouts (0 = all): threads of MuJoCo batches, or rollout processes
     # Where the simulator's rollout chunks run: local (this machine: batch threads or processes)
     # or ray (this process plus processes - 1 Ray actors, 0 = one per CPU of the cluster at
     # runtime.address, or of a private local Ray instance when it is null).

@@ -1,10 +1,13 @@
 """The batched MuJoCo step path reproduces Gymnasium's envs bit for bit (full trajectories)."""
+import threading
+
 import gymnasium as gym
 import numpy as np
 import pytest
 
 from apga.config import EnvConfig, PolicyConfig
 from apga.oracle import fast_mujoco
+from apga.oracle.base import Cancelled
 from apga.oracle.envs import make_env
 from apga.oracle.rl import RLOracle
 
@@ -39,12 +42,14 @@ def _envs(env_id, kwargs, per_worker, invert, worker, horizon, n):
 
 
 @pytest.mark.parametrize("env_id,kwargs,per_worker", CASES)
-@pytest.mark.parametrize("invert,worker,threads", [(False, 0, 1), (True, 1, 2)])
-def test_batch_step_reproduces_gymnasium_trajectories(env_id, kwargs, per_worker, invert, worker, threads):
+@pytest.mark.parametrize("invert,worker,threads,spare", [(False, 0, 1, 1), (True, 1, 2, 0)])
+def test_batch_step_reproduces_gymnasium_trajectories(env_id, kwargs, per_worker, invert, worker, threads, spare):
     horizon, batch = HORIZON.get(env_id, 200), 3
     refs = _envs(env_id, kwargs, per_worker, invert, worker, horizon, batch)
     (env,) = _envs(env_id, kwargs, per_worker, invert, worker, horizon, 1)
-    stepper = fast_mujoco.make_stepper(env, horizon, batch + 1, threads)  # one simulation never used
+    # spare = 1: one simulation never used (rows by index); 0: every simulation stepped while all
+    # rows live (the whole-batch path), by index once row 0 stops
+    stepper = fast_mujoco.make_stepper(env, horizon, batch + spare, threads)
     assert stepper is not None
     rng = np.random.default_rng(7)
     low, high = refs[0].action_space.low.astype(np.float64), refs[0].action_space.high.astype(np.float64)
@@ -147,3 +152,71 @@ def test_training_is_identical_on_1_and_2_cores(tmp_path, name):
         train_mod.train(cfg, str(tmp_path / f"p{processes}"), progress=False)
         texts.append((tmp_path / f"p{processes}" / "metrics.csv").read_text())
     assert texts[0] == texts[1] and texts[0].count("\n") > 4
+
+
+def _same(a, b):
+    assert list(a) == list(b)  # the same workers, in the same order
+    for w in a:
+        assert np.array_equal(a[w].grad_sum, b[w].grad_sum)
+        assert np.array_equal(a[w].returns, b[w].returns) and np.array_equal(a[w].lengths, b[w].lengths)
+        assert (a[w].count, a[w].env_steps, a[w].rejected) == (b[w].count, b[w].env_steps, b[w].rejected)
+
+
+def test_threads_never_change_a_result_as_rollouts_grow_and_shrink():
+    """One block per thread: the blocks grow for a larger rollout and are reused for smaller ones
+    (odd sizes: blocks of unequal length, a rollout of one row on one thread)."""
+    env, pol = EnvConfig(id="Hopper-v5", horizon=80), PolicyConfig(rollout_batch=4)
+    one, two = RLOracle(env, pol, 3, 9), RLOracle(env, pol, 3, 9, threads=2)
+    point = one.initial_point() + 0.3 * np.random.default_rng(2).standard_normal(one.dim)
+    try:
+        for n in (3, 9, 1, 5):
+            jobs = [(w % 3, 100 * n + w) for w in range(n)]
+            _same(two.gradients(point, jobs), one.gradients(point, jobs))
+        assert len(two._steppers[two.keys[0]]) == 2
+    finally:
+        one.close()
+        two.close()
+
+
+def test_a_cancelled_rollout_on_threads_stops_every_block_within_a_step():
+    env = EnvConfig(id="Hopper-v5", horizon=200, kwargs={"terminate_when_unhealthy": False})
+    pol = PolicyConfig(rollout_batch=8)
+    oracle, fresh = RLOracle(env, pol, 2, 3, threads=2), RLOracle(env, pol, 2, 3)
+    point, jobs = oracle.initial_point(), [(w % 2, w) for w in range(8)]
+    checks, lock = [], threading.Lock()
+
+    def should_stop():  # every block checks before each of its steps
+        with lock:
+            checks.append(threading.current_thread().name)
+            return len(checks) > 40
+
+    try:
+        with pytest.raises(Cancelled):
+            oracle.gradients(point, jobs, should_stop)
+        assert "MainThread" in checks and any(n.startswith("apga-oracle") for n in checks)
+        assert len(checks) <= 42  # the cancel, then at most one more check by the other block
+        _same(oracle.gradients(point, jobs), fresh.gradients(point, jobs))  # nothing left half-done
+    finally:
+        oracle.close()
+        fresh.close()
+
+
+def test_an_error_in_one_block_stops_the_others_and_is_raised_once():
+    env = EnvConfig(id="Hopper-v5", horizon=200, kwargs={"terminate_when_unhealthy": False})
+    oracle = RLOracle(env, PolicyConfig(rollout_batch=8), 2, 3, threads=2)
+    main_checks = []
+
+    def should_stop():
+        if threading.current_thread() is threading.main_thread():
+            main_checks.append(1)
+            return False
+        if len(main_checks) >= 5:
+            raise ValueError("stop condition failed")
+        return False
+
+    try:
+        with pytest.raises(ValueError, match="stop condition failed"):
+            oracle.gradients(oracle.initial_point(), [(w % 2, w) for w in range(8)], should_stop)
+        assert 5 <= len(main_checks) < 200  # the caller's block stopped long before its horizon
+    finally:
+        oracle.close()

@@ -67,7 +67,7 @@ def add_parser(sub) -> None:
     p.add_argument("--quick", action="store_true",
                    help="smoke run: horizon 100, one timed round per worker count, --seconds 1 unless given")
     p.add_argument("--processes", type=int, default=0, metavar="P",
-                   help="cores for apga (runtime.processes; default 0 = all): threads of the MuJoCo batch, or "
+                   help="cores for apga (runtime.processes; default 0 = all): threads of MuJoCo batches, or "
                    "rollout processes for an env it does not cover; the physics limit is per core times P")
     p.add_argument("--env", default="Hopper-v5", metavar="ID",
                    help="a Gymnasium MuJoCo env id (default: Hopper-v5)")

@@ -70,7 +70,9 @@ class Oracle(ABC):
         """Gradients of every job in ``jobs``, all at ``point``, summed per worker.
 
         ``should_stop`` (optional) is checked before every environment step (synthetic: before
-        every gradient); when it returns True the call raises :class:`Cancelled`.
+        every gradient); when it returns True the call raises :class:`Cancelled`. It may be
+        called from several threads at once (a MuJoCo rollout on several threads), so it must
+        be a thread-safe read such as ``threading.Event.is_set``.
 
         Implementations batch all jobs that share an environment into one vectorised rollout.
         The result has one entry per worker that appears in ``jobs``; the per-worker sum is

@@ -2,8 +2,8 @@
 
 Gymnasium's ``env.step`` spends about as much time in Python (wrappers, ``do_simulation``'s
 shape check, the info dict, scalar numpy) as MuJoCo spends on the physics, and one env steps
-on one core. :class:`BatchStepper` holds the trajectories of one rollout (one env_key) as the
-simulations of one ``mujoco.batch.Batch`` of the env's own model (so per-worker model changes
+on one core. :class:`BatchStepper` holds trajectories of one rollout (one env_key; a block of
+them when the rollout runs on several threads) as the simulations of one ``mujoco.batch.Batch`` of the env's own model (so per-worker model changes
 -- ``gravity``, ``mass_scale``, ``friction_scale`` -- are simply that worker's model): a step
 writes the controls of the live simulations, runs ``mj_step(nstep=frame_skip)`` on all of them
 (the GIL released; bit-identical to one ``MjData`` per simulation at any thread count of the
@@ -125,7 +125,8 @@ def _describe(env, horizon: int):
 
 def make_stepper(env, horizon: int, nsim: int, threads: int = 1) -> "BatchStepper | None":
     """A :class:`BatchStepper` of ``nsim`` simulations of ``env`` (reset through ``env``), or
-    None when the env is not covered."""
+    None when the env is not covered. ``threads``: the batch's own threads for its physics (the
+    oracle uses 1 per stepper and a stepper per thread; the tests check other counts)."""
     found = _describe(env, horizon)
     if found is None:
         return None
@@ -146,7 +147,7 @@ class BatchStepper:
     def __init__(self, kind: str, env, core, act_sign: float, obs_ops: tuple, nsim: int, threads: int):
         self.kind, self.env, self.core = kind, env, core
         self.act_sign, self.obs_ops = act_sign, obs_ops
-        self.nsim, self.threads = nsim, threads
+        self.nsim = nsim
         model = core.model
         self.model = model
         self.frame_skip = int(core.frame_skip)
@@ -212,12 +213,10 @@ class BatchStepper:
 
     # ------------------------------------------------------------------ stepping
     def step(self, rows, actions: np.ndarray):
-        """Step ``rows`` and return ``(obs, rewards, terminated)`` (physics on this thread)."""
+        """Step ``rows`` and return ``(obs, rewards, terminated)`` (the physics on the caller's
+        thread and the batch's own, with the GIL released)."""
         rows, a, x_before = self._prepare(rows, actions)
         return self._observe(rows, a, x_before, self._physics(rows))
-
-    def close(self) -> None:
-        """Nothing to release (kept for the callers' symmetry with env.close)."""
 
     def _prepare(self, rows, actions):
         a = np.ascontiguousarray(actions, dtype=np.float64)

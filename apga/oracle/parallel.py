@@ -2,8 +2,8 @@
 spreads whole chunks of rollouts over processes.
 
 MuJoCo v5 envs covered by :mod:`apga.oracle.fast_mujoco` never come here: they run in one
-process, their physics on a ``mujoco.batch.Batch`` with one thread per core
-(:func:`make_oracle`). Everything else (classic control, other Gymnasium envs) can use this pool.
+process on one thread per core, each stepping a block of the trajectories as a
+``mujoco.batch.Batch`` (:func:`make_oracle`). Everything else (classic control, other Gymnasium envs) can use this pool.
 
 ``ParallelOracle(env, policy, n_workers, seed, processes)`` behaves exactly like
 ``RLOracle(env, policy, n_workers, seed)`` (bit-identical gradients, returns and evaluations)
@@ -367,8 +367,8 @@ def make_oracle(env, policy, n_workers: int, seed: int, processes: int = 1, pool
                 address: str | None = None):
     """The oracle for runtime.processes = ``processes`` cores (0 = all), bit-identical for any count.
 
-    MuJoCo envs that :mod:`apga.oracle.fast_mujoco` covers run in this process, their physics on
-    a ``mujoco.batch.Batch`` with one thread per core; every other env gets a ParallelOracle
+    MuJoCo envs that :mod:`apga.oracle.fast_mujoco` covers run in this process on one thread
+    per core (each a ``mujoco.batch.Batch`` of a block of the trajectories); every other env gets a ParallelOracle
     (one process per core) when more than one core is asked for. ``pool="ray"`` (every env):
     this process and ``processes - 1`` Ray actors (0: one per CPU of the cluster at
     ``address``, or of a private local Ray instance), one thread each.

@@ -39,6 +39,7 @@ the same threads. Results never depend on the thread count. Every other env goes
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Callable, Sequence
 
 import numpy as np
@@ -69,7 +70,8 @@ class RLOracle(Oracle):
 
     ``RLOracle(env, policy, n_workers, seed, threads=1)``: ``env`` and ``policy`` are the config
     sections, ``seed`` the run seed (initial point, trajectories and evaluation streams derive
-    from it), ``threads`` the physics threads of a MuJoCo batch (never changes a result).
+    from it), ``threads`` the threads a rollout on a MuJoCo batch and its torch passes use
+    (never changes a result; other envs use one thread: their parallelism is processes').
 
     ``policy.baseline`` and ``policy.normalize_returns`` are outside the theory: both make a
     trajectory's weights depend on the other trajectories of its (chunk, worker) batch, which
@@ -103,10 +105,10 @@ class RLOracle(Oracle):
             self._rep.setdefault(k, w)
         self._envs: dict[tuple, list] = {}  # env_key -> reusable env instances (one per batch slot)
         self._steppers: dict[tuple, object] = {}  # env_key -> its fast_mujoco.BatchStepper parts (or None)
-        self._pool = None  # threads of the parts after the first (made on first use)
+        self._pool = None  # the threads after the caller's (rollout blocks, torch passes), made on first use
         self._covered: dict[tuple, bool] = {}  # env_key -> whether fast_mujoco covers its env
-        # Threads of a MuJoCo batch's physics (never changes a result: see fast_mujoco).
-        self.threads = max(1, int(threads))
+        # Threads of a rollout on a MuJoCo batch and of its torch passes (never changes a result).
+        self._threads = max(1, int(threads))
         spaces_seen = {}
         for k, w in self._rep.items():
             e = self._env_slots(k, 1)[0]
@@ -124,6 +126,11 @@ class RLOracle(Oracle):
         # Exact batched stepping of MuJoCo v5 envs (apga.oracle.fast_mujoco); False (or
         # APGA_NO_FAST_STEP=1) forces env.step. Results are identical either way.
         self.fast_step = True
+
+    @property
+    def threads(self) -> int:
+        """Threads of a rollout on a MuJoCo batch (fixed: the parts and the pool are sized by it)."""
+        return self._threads
 
     # ------------------------------------------------------------------ Oracle API
     def initial_point(self) -> np.ndarray:
@@ -208,9 +215,6 @@ class RLOracle(Oracle):
         return self.fast_step and self._covered[key]
 
     def close(self) -> None:
-        for parts in self._steppers.values():
-            for st in parts or ():
-                st.close()
         self._steppers.clear()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
@@ -295,7 +299,13 @@ class RLOracle(Oracle):
             results[pos] = {}
             for w in dict.fromkeys(workers[rows].tolist()):  # workers in order of first appearance
                 sums.append((pos, w, point, workers == w))
-        grads = self._share(lambda item: self._partial_sum(item[2], ro, item[3], valid, weights), sums)
+        def partial_sum(item):
+            _, _, point, mine = item
+            return self._partial_sum(point, ro, mine, valid, weights)
+
+        # Off the MuJoCo batch the cores belong to the rollout processes (parallel.ParallelOracle).
+        share = self._share if self.batched(self._rep[key]) else (lambda fn, items: [fn(x) for x in items])
+        grads = share(partial_sum, sums)
         for (pos, w, _, mine), (grad, good, rejected) in zip(sums, grads):
             results[pos][w] = WorkerBatch(
                 grad_sum=grad,
@@ -320,35 +330,39 @@ class RLOracle(Oracle):
 
     def _share(self, fn, items: list) -> list:
         """``[fn(x) for x in items]``, with this thread and the pool's threads each taking the next
-        item (for independent torch work)."""
+        item (for independent torch work). After an error (or Ctrl-C) no thread takes another
+        item, and the error of the lowest item is raised, whatever the thread count."""
         if self.threads == 1 or len(items) < 2:
             return [fn(x) for x in items]
-        from concurrent.futures import wait
-
-        out, todo, lock = [None] * len(items), iter(range(len(items))), threading.Lock()
+        out, errors, todo, lock = [None] * len(items), {}, iter(range(len(items))), threading.Lock()
 
         def work() -> None:
-            while True:
+            while not errors:
                 with lock:
                     i = next(todo, None)
                 if i is None:
                     return
-                out[i] = fn(items[i])
+                try:
+                    out[i] = fn(items[i])
+                except BaseException as exc:
+                    errors[i] = exc
 
-        futures = [self._threads_pool().submit(work) for _ in range(min(self.threads, len(items)) - 1)]
+        futures = []
         try:
+            for _ in range(min(self.threads, len(items)) - 1):
+                futures.append(self._threads_pool().submit(work))
             work()
+        except BaseException as exc:  # e.g. Ctrl-C on this thread: the others stop at their next item
+            errors.setdefault(-1, exc)
         finally:
             wait(futures)
-        for f in futures:
-            f.result()  # raises a worker thread's error
+        if errors:
+            raise errors[min(errors)]
         return out
 
     def _threads_pool(self):
         """The threads after this one (rollout parts, gradient passes), made on first use."""
         if self._pool is None:
-            from concurrent.futures import ThreadPoolExecutor
-
             self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="apga-oracle")
         return self._pool
 
@@ -371,10 +385,8 @@ class RLOracle(Oracle):
         (grown when too small), or None when the env is not covered."""
         parts = self._steppers.get(key, False)
         per_part = -(-n // self.threads)
-        if parts is None or (parts and parts[0].nsim >= per_part):
+        if parts is None or (parts and len(parts) == self.threads and parts[0].nsim >= per_part):
             return parts
-        for st in parts or ():
-            st.close()
         env = self._env_slots(key, 1)[0]
         first = fast_mujoco.make_stepper(env, self.horizon, per_part)
         parts = None if first is None else [first] + [
@@ -408,7 +420,7 @@ class RLOracle(Oracle):
 
     def _rollout(self, params, key: tuple, streams: list, store: bool, greedy: bool,
                  should_stop: Callable[[], bool] | None = None) -> Rollout:
-        """Batched rollout: one numpy policy forward per step for the live trajectories.
+        """Batched rollout: one numpy policy forward per step (and block) for the live trajectories.
 
         Trajectory b uses only ``streams[b]``: first its reset seed, then its noise for all H steps.
         ``params``: the point shared by all trajectories, or a RowParams with one point per trajectory.
@@ -445,12 +457,12 @@ class RLOracle(Oracle):
 
         def loop(lo, hi, step, stop) -> None:  # rows lo..hi-1 on views of the rollout's arrays
             rows = slice(lo, hi)
-            part = Rollout(*(None if x is None else x[rows] for x in (ro.obs, ro.samples, ro.rewards)),
+            view = Rollout(*(None if x is None else x[rows] for x in (ro.obs, ro.samples, ro.rewards)),
                            ro.lengths[rows], ro.bad[rows])
-            part.bad[:] = ~np.isfinite(obs[rows]).all(axis=1)
+            view.bad[:] = ~np.isfinite(obs[rows]).all(axis=1)
             mine = params.take(np.arange(lo, hi)) if isinstance(params, policies.RowParams) and hi - lo < B else params
-            self._steps(np.flatnonzero(~part.bad), step, mine, None if noise is None else noise[rows], obs[rows],
-                        part, greedy, stop)
+            self._steps(np.flatnonzero(~view.bad), step, mine, None if noise is None else noise[rows], obs[rows],
+                        view, greedy, stop)
 
         if len(blocks) == 1:
             loop(*blocks[0], should_stop)
@@ -475,11 +487,9 @@ class RLOracle(Oracle):
 
     def _on_threads(self, blocks, loop, should_stop) -> None:
         """``loop(*block, stop)`` for every block at once: the first on this thread, the others
-        on the rollout pool (MuJoCo releases the GIL, so one part's physics runs while another
+        on the pool's threads (MuJoCo releases the GIL, so one part's physics runs while another
         computes its policy). An error or cancellation in one part stops the others within a
         step and is raised here once all have stopped."""
-        from concurrent.futures import wait
-
         abort, first = threading.Event(), []
 
         def stop() -> bool:
@@ -493,8 +503,10 @@ class RLOracle(Oracle):
                     first.append(exc)
                 abort.set()
 
-        futures = [self._threads_pool().submit(run, *b) for b in blocks[1:]]
+        futures = []
         try:
+            for b in blocks[1:]:
+                futures.append(self._threads_pool().submit(run, *b))
             run(*blocks[0])
             wait(futures)
         finally:
