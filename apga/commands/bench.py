@@ -39,8 +39,9 @@ JSON object with every number (physics_limit, gym_single, apga, sb3_a2c, ratio_l
 apga / physics_limit, ratio_sb3 = apga / sb3_a2c, round_cost_ratio_1000_10, ...).
 Targets: ratio_limit >= 0.85, ratio_sb3 >= 5, round_cost_ratio_1000_10 <= 1.5.
 
-Each throughput is measured in 3 slices interleaved with the others (a load change hits all
-alike). Timings are only comparable when nothing else runs on the machine: the JSON records the
+Each throughput is measured in slices of about 1 s (at least 3; apga's slice is one whole
+round or more), interleaved with the others, so that the machine's speed changes, which on a
+shared VM come and go within seconds, hit all alike. Timings are only comparable when nothing else runs on the machine: the JSON records the
 load average before and after; compare ratios, which are measured side by side.
 """
 
@@ -54,7 +55,8 @@ needs the bench extra for the peer measurement: pip install 'apga[bench]'
 """
 
 ROUND_WORKERS = (10, 100, 1000)
-SLICES = 3  # each throughput is measured in this many slices, interleaved with the others
+SLICES = 3  # each throughput is measured in at least this many slices, interleaved with the others
+SLICE_SECONDS = 1.0  # ... and in slices of about this long (a VM's speed drifts within seconds)
 UNHEALTHY_KWARG = "terminate_when_unhealthy"
 
 
@@ -62,8 +64,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="training throughput vs the MuJoCo physics limit and Stable-Baselines3",
                        description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=float, default=None, metavar="S",
-                   help="wall seconds per throughput measurement, taken in 3 slices interleaved with the "
-                   "other measurements (default: 15; with --quick: 1, one slice)")
+                   help="wall seconds per throughput measurement, taken in slices of about 1 s (at least "
+                   "3) interleaved with the other measurements (default: 15; with --quick: 1, one slice)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: horizon 100, one timed round per worker count, --seconds 1 unless given")
     p.add_argument("--processes", type=int, default=0, metavar="P",
@@ -441,10 +443,10 @@ def run(args) -> int:
                                                seed), oracle))
         all_cores = AllCoresPhysicsMeter(_make_env(args.env, horizon)[0], horizon, seed, cores)
         # Interleaved slices: a load change during the run hits every measurement alike.
-        slices = 1 if opts["quick"] else SLICES
+        slices = 1 if opts["quick"] else max(SLICES, round(seconds / SLICE_SECONDS))
         for k in range(slices):
             for meter in (physics, all_cores, gym_single, sb3, apga):
-                say(f"bench: slice {k + 1}/{slices}: {meter.name} ({seconds / slices:g} s)")
+                say(f"bench: slice {k + 1}/{slices}: {meter.name} ({seconds / slices:.3g} s)")
                 meter.run(seconds / slices)
         say(f"bench: round cost for n = {', '.join(map(str, ROUND_WORKERS))} ({opts['rounds']} round(s) each)")
         cost = measure_round_cost(oracle, args.env, kwargs, horizon, args.processes, args.rollout_batch,
