@@ -52,3 +52,32 @@ def test_help_explains_every_option(capsys):
     for opt in ("--seconds", "--quick", "--processes", "--env", "--horizon", "--rollout-batch", "--rounds",
                 "physics_limit", "ratio_limit", "apga[bench]"):
         assert opt in out
+
+
+def _script(name: str, *args: str) -> str:
+    import os
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, os.path.join(root, "benchmarks", name), *args], cwd=root,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_where_time_goes_splits_the_ratio_into_factors_whose_product_it_is():
+    pytest.importorskip("mujoco")
+    out = _script("where_time_goes.py", "--horizon", "30", "--cycles", "1", "--seconds", "0.05", "--cores", "2")
+    data = json.loads(out.strip().splitlines()[-1])
+    assert data["cores"] == 2 and data["apga"] > 0
+    product = data["cores_at_once"] * data["trajectories"] * data["apga_share"]
+    assert product == pytest.approx(data["ratio_limit"], rel=1e-3)
+    assert 0 < data["apga_share"] <= 1.0  # physics CPU never exceeds the cores' wall time
+
+
+def test_paired_trees_runs_the_same_rounds_in_each_checkout():
+    pytest.importorskip("mujoco")
+    out = _script("paired_trees.py", "--horizon", "20", "--rounds", "2", "a=.", "b=.")
+    lines = out.strip().splitlines()
+    assert [line.split()[2] for line in lines] == ["a:", "b:"]
+    assert "per round / a: median 1.000" in lines[0] and "2 rounds" in lines[1]
