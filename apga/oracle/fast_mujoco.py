@@ -3,13 +3,14 @@
 Gymnasium's ``env.step`` spends about as much time in Python (wrappers, ``do_simulation``'s
 shape check, the info dict, scalar numpy) as MuJoCo spends on the physics, and one env steps
 on one core. :class:`BatchStepper` holds trajectories of one rollout (one env_key; a block of
-them when the rollout runs on several threads) as the simulations of one ``mujoco.batch.Batch`` of the env's own model (so per-worker model changes
--- ``gravity``, ``mass_scale``, ``friction_scale`` -- are simply that worker's model): a step
-writes the controls of the live simulations, runs ``mj_step(nstep=frame_skip)`` on all of them
-(the GIL released; bit-identical to one ``MjData`` per simulation at any thread count of the
-batch), and builds observations, rewards and termination flags of the whole batch with
-vectorised numpy from the bound ``(nsim, ...)`` arrays. A stepper belongs to one thread at a
-time (:class:`apga.oracle.rl.RLOracle` gives each of its threads a stepper of its own).
+them when the rollout runs on several threads) as the simulations of one ``mujoco.batch.Batch``
+of the env's own model (so per-worker model changes -- ``gravity``, ``mass_scale``,
+``friction_scale`` -- are simply that worker's model): a step writes the controls of the live
+simulations, runs ``mj_step(nstep=frame_skip)`` on all of them (the GIL released; bit-identical
+to one ``MjData`` per simulation at any thread count of the batch), and builds observations,
+rewards and termination flags of the whole batch with vectorised numpy from the bound
+``(nsim, ...)`` arrays. A stepper belongs to one thread at a time (:class:`apga.oracle.rl.RLOracle`
+gives each of its threads a stepper of its own).
 
 Exactness (checked bit for bit against the real envs by tests/test_fast_mujoco.py):
 

@@ -299,13 +299,13 @@ class RLOracle(Oracle):
             results[pos] = {}
             for w in dict.fromkeys(workers[rows].tolist()):  # workers in order of first appearance
                 sums.append((pos, w, point, workers == w))
-        def partial_sum(item):
+
+        def partial_sum(item, stop):
             _, _, point, mine = item
             return self._partial_sum(point, ro, mine, valid, weights)
 
         # Off the MuJoCo batch the cores belong to the rollout processes (parallel.ParallelOracle).
-        share = self._share if self.batched(self._rep[key]) else (lambda fn, items: [fn(x) for x in items])
-        grads = share(partial_sum, sums)
+        grads = self._share(partial_sum, sums, self.threads if self.batched(self._rep[key]) else 1)
         for (pos, w, _, mine), (grad, good, rejected) in zip(sums, grads):
             results[pos][w] = WorkerBatch(
                 grad_sum=grad,
@@ -328,36 +328,44 @@ class RLOracle(Oracle):
                 grad, rejected, good = np.zeros(self.dim), rejected + good.size, good[:0]
         return grad, good, rejected
 
-    def _share(self, fn, items: list) -> list:
-        """``[fn(x) for x in items]``, with this thread and the pool's threads each taking the next
-        item (for independent torch work). After an error (or Ctrl-C) no thread takes another
-        item, and the error of the lowest item is raised, whatever the thread count."""
-        if self.threads == 1 or len(items) < 2:
-            return [fn(x) for x in items]
-        out, errors, todo, lock = [None] * len(items), {}, iter(range(len(items))), threading.Lock()
+    def _share(self, fn, items: list, threads: int, should_stop: Callable[[], bool] | None = None) -> list:
+        """``[fn(x, stop) for x in items]`` on this thread and up to ``threads - 1`` of the pool's,
+        each taking the next item. ``stop()`` turns True once an item failed or ``should_stop()``
+        says so: no thread takes another item, and a long item (a rollout block) checks it to
+        end within a step. The first failure is raised, once all threads have stopped (the
+        ``Cancelled`` it causes in the others is not)."""
+        abort, failed, todo, lock = threading.Event(), [], iter(range(len(items))), threading.Lock()
+        out = [None] * len(items)
+
+        def stop() -> bool:
+            return abort.is_set() or (should_stop is not None and should_stop())
 
         def work() -> None:
-            while not errors:
+            while not abort.is_set():
                 with lock:
                     i = next(todo, None)
                 if i is None:
                     return
                 try:
-                    out[i] = fn(items[i])
+                    out[i] = fn(items[i], stop)
                 except BaseException as exc:
-                    errors[i] = exc
+                    with lock:
+                        if not abort.is_set():
+                            failed.append(exc)
+                        abort.set()
 
         futures = []
         try:
-            for _ in range(min(self.threads, len(items)) - 1):
+            for _ in range(min(threads, len(items)) - 1):
                 futures.append(self._threads_pool().submit(work))
             work()
-        except BaseException as exc:  # e.g. Ctrl-C on this thread: the others stop at their next item
-            errors.setdefault(-1, exc)
-        finally:
             wait(futures)
-        if errors:
-            raise errors[min(errors)]
+        finally:
+            if not all(f.done() for f in futures):  # interrupted while waiting: stop the others
+                abort.set()
+                wait(futures)
+        if failed:
+            raise failed[0]
         return out
 
     def _threads_pool(self):
@@ -424,9 +432,9 @@ class RLOracle(Oracle):
 
         Trajectory b uses only ``streams[b]``: first its reset seed, then its noise for all H steps.
         ``params``: the point shared by all trajectories, or a RowParams with one point per trajectory.
-        On a MuJoCo batch the rows are cut into one block per part and every part runs the step
-        loop over its block on its own thread; rows are independent, so the result does not
-        depend on the number of parts.
+        On a MuJoCo batch the rows are cut into one block per thread, each block stepped by a
+        BatchStepper of its own, and every block's step loop runs on its own thread; rows are
+        independent, so the result does not depend on the number of threads.
         """
         spec, H, B = self.spec, self.horizon, len(streams)
         parts = self._parts(key, B) if self.fast_step else None
@@ -440,7 +448,7 @@ class RLOracle(Oracle):
                      np.zeros((B, H) + spec.sample_shape, dtype=spec.sample_dtype) if store else None,
                      np.zeros((B, H)), np.zeros(B, dtype=np.int64), np.zeros(B, dtype=bool))
         obs = np.empty((B, spec.obs_dim))
-        blocks = []  # (first row, end row, step function) of each part, or of the env.step loop
+        blocks = []  # (first row, end row, step function) of each block (one, on env.step)
         if parts is not None:
             size = -(-B // len(parts))
             for part, lo in zip(parts, range(0, B, size)):  # resets on this thread: they share the key's env
@@ -455,7 +463,8 @@ class RLOracle(Oracle):
         if not isinstance(params, policies.RowParams):
             params = policies.Prepared(spec, params)
 
-        def loop(lo, hi, step, stop) -> None:  # rows lo..hi-1 on views of the rollout's arrays
+        def run_block(block, stop) -> None:  # rows lo..hi-1, on views of the rollout's arrays
+            lo, hi, step = block
             rows = slice(lo, hi)
             view = Rollout(*(None if x is None else x[rows] for x in (ro.obs, ro.samples, ro.rewards)),
                            ro.lengths[rows], ro.bad[rows])
@@ -464,10 +473,9 @@ class RLOracle(Oracle):
             self._steps(np.flatnonzero(~view.bad), step, mine, None if noise is None else noise[rows], obs[rows],
                         view, greedy, stop)
 
-        if len(blocks) == 1:
-            loop(*blocks[0], should_stop)
-        else:
-            self._on_threads(blocks, loop, should_stop)
+        # one block per thread; MuJoCo releases the GIL, so one block's physics runs while
+        # another computes its policy
+        self._share(run_block, blocks, self.threads, should_stop)
         return ro
 
     def _env_step(self, envs):
@@ -484,37 +492,6 @@ class RLOracle(Oracle):
             return obs, rewards, done
 
         return step
-
-    def _on_threads(self, blocks, loop, should_stop) -> None:
-        """``loop(*block, stop)`` for every block at once: the first on this thread, the others
-        on the pool's threads (MuJoCo releases the GIL, so one part's physics runs while another
-        computes its policy). An error or cancellation in one part stops the others within a
-        step and is raised here once all have stopped."""
-        abort, first = threading.Event(), []
-
-        def stop() -> bool:
-            return abort.is_set() or (should_stop is not None and should_stop())
-
-        def run(*block) -> None:
-            try:
-                loop(*block, stop)
-            except BaseException as exc:
-                if not abort.is_set():
-                    first.append(exc)
-                abort.set()
-
-        futures = []
-        try:
-            for b in blocks[1:]:
-                futures.append(self._threads_pool().submit(run, *b))
-            run(*blocks[0])
-            wait(futures)
-        finally:
-            if not all(f.done() for f in futures):  # interrupted while waiting: stop the others
-                abort.set()
-                wait(futures)
-        if first:
-            raise first[0]
 
     def _steps(self, alive, step, params, noise, obs, ro: Rollout, greedy, should_stop) -> None:
         """The step loop over rows ``alive`` (one part's, or all): policy, ``step``, bookkeeping."""
