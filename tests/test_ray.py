@@ -206,8 +206,9 @@ class TestLocal:
 
     def test_workers_sharing_cores_hold_at_their_targets_and_are_extended(self, monkeypatch):
         """4 workers on 2 CPUs (real time): each computes exactly its target (2 of M = 8) and
-        waits, so rounds consume 2 + 2 + 2 + 2 with nothing computed in vain; when a worker is
-        killed mid-round its share never comes, every live worker waits, and the driver extends
+        waits, so rounds consume 2 + 2 + 2 + 2 with nothing computed in vain (and counted as
+        computed exactly: reports carry running totals); when an actor (workers 2 and 3) is
+        killed mid-round their shares never come, every live worker waits, and the driver extends
         their targets until the round closes."""
         cfg = load_config({**_as_dict(config("rennala_nigt", "server", n=4)),
                            "policy": {"hidden": [16, 16], "rollout_batch": 8},
@@ -216,9 +217,9 @@ class TestLocal:
         oracle = build_oracle(cfg)
         rt = build_runtime(cfg, oracle)
         try:
-            for _ in range(2):
+            for _ in range(4):
                 assert rt.step().counts == [2, 2, 2, 2]
-            assert rt.totals.trajectories_computed == rt.totals.trajectories == 16
+            assert rt.totals.trajectories_computed == rt.totals.trajectories == 32
             kill_mid_round(monkeypatch, rt, rt.worker_pids()[3])
             ev = rt.step()  # holding workers with nobody to extend them would hang here
             assert sum(ev.counts) >= 8 and ev.update.used + ev.update.rejected == sum(ev.counts)
@@ -228,6 +229,53 @@ class TestLocal:
             while rt.restarts == 0:
                 assert sum(rt.step().counts) >= 8
                 assert time.monotonic() < deadline
+        finally:
+            rt.close()
+            oracle.close()
+
+    @pytest.mark.parametrize("aggregation", ["server", "allreduce"])
+    def test_workers_sharing_cores_share_actors_and_roll_out_together(self, aggregation, monkeypatch):
+        """4 workers on 2 CPUs: 2 actor processes host 2 workers each and roll both workers'
+        targets out as one oracle call; each worker's sum is its part of that call, so the
+        round's update equals one recomputed from those calls. AllReduce runs with one rank per
+        actor; killing an actor loses both its workers, the group is rebuilt without it and again
+        with it once Ray has restarted it."""
+        import copy
+        cfg = load_config({**_as_dict(config("rennala_nigt", aggregation, n=4)),
+                           "policy": {"hidden": [16, 16], "rollout_batch": 8},
+                           "algorithm": {"name": "rennala_nigt", "aggregation": aggregation, "batch_size": 8,
+                                         "step_size": 0.05, "momentum": 0.5}})
+        oracle = build_oracle(cfg)
+        rt = build_runtime(cfg, oracle)
+        try:
+            rt.start()
+            pids = rt.worker_pids()
+            assert pids[0] == pids[1] != pids[2] == pids[3]
+            for _ in range(3):
+                before, first = copy.deepcopy(rt.alg), list(rt.next_job)
+                point = before.round_point()
+                ev = rt.step()
+                assert ev.counts == [2, 2, 2, 2]
+                sums = {}
+                for group in ([0, 1], [2, 3]):
+                    out = oracle.gradients(point, [(w, j) for w in group for j in (first[w], first[w] + 1)])
+                    sums.update({w: out[w] for w in group})
+                before.finish_round(sums)  # the runtimes add the workers' sums in another order
+                np.testing.assert_allclose(rt.alg.theta, before.theta, rtol=1e-12, atol=1e-14)
+            assert rt.totals.trajectories_computed == rt.totals.trajectories == 24
+            if aggregation == "allreduce":
+                assert rt._group == [0, 1] and rt.resyncs == 0
+            kill_mid_round(monkeypatch, rt, pids[2])
+            deadline = time.monotonic() + 120  # only catches a hang
+            while True:
+                ev = rt.step()
+                assert sum(ev.counts) >= 8 and ev.update.used + ev.update.rejected == sum(ev.counts)
+                if rt.restarts == 2 and ev.counts[2] > 0 and ev.counts[3] > 0:
+                    break
+                assert time.monotonic() < deadline
+            assert rt.worker_pids()[2] not in pids and rt.resyncs == 0
+            if aggregation == "allreduce":
+                assert rt._group == [0, 1]
         finally:
             rt.close()
             oracle.close()

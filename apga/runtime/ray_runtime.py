@@ -2,7 +2,9 @@
 
 The driver (this object) holds the protocol (apga/protocol/base.py) and asks it everything a
 method decides; it never names a method. Worker actors (apga.runtime.ray_worker.WorkerActor)
-only compute trajectories and keep their local sums.
+only compute trajectories and keep their local sums. An actor hosts one worker, or several when
+the workers share cores (:func:`host_groups`): then its workers' trajectories are rolled out
+together, one wide batch in one process per core instead of many narrow ones competing for it.
 
 Round protocols (schedule "rounds"), one :meth:`step` = one round:
 
@@ -124,6 +126,22 @@ def round_targets(protocol, live: list[bool], last: list[int] | None, cap: int =
     return apportion(high, shares)
 
 
+def host_groups(n: int, cpus: float, share: bool) -> list[list[int]]:
+    """The workers each actor hosts: one each, or, with ``share`` (real time, a round protocol)
+    and more workers than whole CPUs, one actor per CPU hosting a contiguous block of workers
+    (sizes differ by at most one, the larger first)."""
+    actors = max(1, int(cpus))
+    if not share or n <= actors:
+        return [[w] for w in range(n)]
+    size, extra = divmod(n, actors)
+    groups, w = [], 0
+    for a in range(actors):
+        k = size + (a < extra)
+        groups.append(list(range(w, w + k)))
+        w += k
+    return groups
+
+
 def _default_oracle(cfg):
     from apga.oracle.factory import build_oracle
     return build_oracle(cfg)
@@ -168,7 +186,9 @@ class RayRuntime(Runtime):
         if self.oracle_factory is None:
             self.oracle_factory = functools.partial(_default_oracle, self.cfg)
         self._session = None
-        self._actors = None
+        self._actors = None  # the actor handles, one per group of hosted workers
+        self._host_of: list[int] = []  # worker -> index of the actor that hosts it
+        self._groups: list[list[int]] = []  # actor -> the workers it hosts
         self._alive: set[int] = set()
         self._gone: set[int] = set()  # dead for good (restarts exhausted)
         self._dead_since: dict[int, float] = {}
@@ -206,33 +226,42 @@ class RayRuntime(Runtime):
             atexit.register(self._session.close)
         try:
             cpus = float(ray.cluster_resources().get("CPU", 1.0))
-            per_actor = math.floor(min(1.0, cpus / self.n) * 1e4) / 1e4  # Ray's resource granularity
-            # Workers that share cores (per_actor < 1) wait at their round's target (ray_worker).
+            # Workers that share cores share actors (real time, rounds: their trajectories roll
+            # out as one batch) and wait at their round's targets (ray_worker).
+            shared = self.n > cpus
+            self._groups = host_groups(self.n, cpus, not self.inject and self.alg.schedule == "rounds")
+            self._host_of = [a for a, group in enumerate(self._groups) for _ in group]
+            per_actor = math.floor(min(1.0, cpus / len(self._groups)) * 1e4) / 1e4  # Ray's resource granularity
             spec = {"n": self.n, "times": self.times, "inject": self.inject, "cancel": self.cancel,
                     "oracle_factory": self.oracle_factory, "batch": self.cfg.policy.rollout_batch,
-                    "hold": per_actor < 1.0, "aggregation": self.aggregation}
+                    "hold": shared, "aggregation": self.aggregation}
             if self._session is not None:
                 self.say(f"ray: up in {time.monotonic() - t0:.1f} s ({cpus:g} CPUs)")
-            self.say(f"ray: starting {self.n} worker actors")
+            actors = len(self._groups)
+            self.say(f"ray: starting {actors} worker actors" + (f" for {self.n} workers" if actors < self.n else ""))
             actor_cls = ray.remote(WorkerActor)
             self._actors = [
                 actor_cls.options(num_cpus=per_actor, max_restarts=self.cfg.runtime.max_restarts, max_task_retries=0,
-                                  max_concurrency=ACTOR_CONCURRENCY, scheduling_strategy="SPREAD").remote(w, spec)
-                for w in range(self.n)
+                                  max_concurrency=ACTOR_CONCURRENCY * len(group),
+                                  scheduling_strategy="SPREAD").remote(group, spec)
+                for group in self._groups
             ]
             try:
-                self.worker_info = ray.get([a.info.remote() for a in self._actors], timeout=START_TIMEOUT)
+                self.worker_info = ray.get([self._host(w).info.remote(w) for w in range(self.n)],
+                                           timeout=START_TIMEOUT)
             except ray.exceptions.GetTimeoutError:
-                raise ApgaError(f"runtime: the {self.n} worker actors did not start within {START_TIMEOUT:.0f} s; "
+                raise ApgaError(f"runtime: the {actors} worker actors did not start within {START_TIMEOUT:.0f} s; "
                                 "check `ray status` (CPUs, memory) and that apga is installed on every node") from None
             except ray.exceptions.RayActorError as exc:
                 raise ApgaError(f"runtime: a worker actor failed to start: {str(exc).splitlines()[0]}") from None
             self._alive = set(range(self.n))
+            # what each worker's reports have brought so far (their totals start at 0 with every actor)
+            self._completed_seen, self._timings_seen = [0] * self.n, [0] * self.n
             if self.aggregation == "allreduce":
                 ray.get([a.set_protocol.remote(self.alg) for a in self._actors])
             self._origin = time.time() - self.clock
             nodes = len({info["node_id"] for info in self.worker_info})
-            self.say(f"ray: {self.n} actors up on {nodes} node(s) after {time.monotonic() - t0:.1f} s; "
+            self.say(f"ray: {actors} actors up on {nodes} node(s) after {time.monotonic() - t0:.1f} s; "
                      "first round running")
         except BaseException:
             self.close()
@@ -256,6 +285,19 @@ class RayRuntime(Runtime):
             finally:
                 atexit.unregister(session.close)
 
+    def _host(self, w: int):
+        """The handle of the actor that hosts worker ``w`` (calls about ``w`` take it first)."""
+        return self._actors[self._host_of[w]]
+
+    def _tally_reported(self, w: int, out: dict) -> None:
+        """Take a report's running totals (completed trajectories, timing rows) into the run's:
+        only what no earlier reply brought, whatever order replies arrive in."""
+        done, (base, rows) = out["completed"], out["timings"]
+        self.totals.trajectories_computed += max(0, done - self._completed_seen[w])
+        self._completed_seen[w] = max(self._completed_seen[w], done)
+        self._measured(w, rows[max(0, self._timings_seen[w] - base):])
+        self._timings_seen[w] = max(self._timings_seen[w], base + len(rows))
+
     def _measured(self, w: int, timings) -> None:
         self.timings.extend((kind, w, self.alg.version, seconds) for kind, seconds in timings)
 
@@ -266,7 +308,7 @@ class RayRuntime(Runtime):
     def worker_pids(self) -> list[int]:
         """Current process id of every live worker actor (for fault-injection tests)."""
         ray = _ray()
-        return [ray.get(self._actors[w].info.remote())["pid"] if w in self._alive else None for w in range(self.n)]
+        return [ray.get(self._host(w).info.remote(w))["pid"] if w in self._alive else None for w in range(self.n)]
 
     def _now(self) -> float:
         return time.time() - self._origin
@@ -321,17 +363,18 @@ class RayRuntime(Runtime):
                 if v == w:
                     del self._calls[ref]
         if w not in self._gone and not any(k == "ready" and v == w for k, v, _ in self._calls.values()):
-            self._call("ready", w, self._actors[w].info.remote())
+            self._call("ready", w, self._host(w).info.remote(w))
 
     def _back(self, w: int, info: dict) -> None:
         self._alive.add(w)
+        self._completed_seen[w] = self._timings_seen[w] = 0  # a restarted actor counts from 0
         self._dead_since.pop(w, None)
         self._group = None
         self.restarts += 1
         if len(self.worker_info) == self.n:
             self.worker_info[w] = info
         if self.aggregation == "allreduce":
-            _ray().get(self._actors[w].set_protocol.remote(self.alg))
+            _ray().get(self._host(w).set_protocol.remote(self.alg))
             self.totals.vector_comms += 1
 
     def _check_needed(self, needed_fn) -> None:
@@ -386,17 +429,24 @@ class RayRuntime(Runtime):
             # the begin itself says nothing); with injected delays answer at once, since the
             # worker's horizon (the nominal finish of its job in flight) lets the round stop.
             since = None if since_begin and not self.inject else stamps[w]
-            self._call(kind, w, self._actors[w].progress.remote(r, since, timeout))
+            self._call(kind, w, self._host(w).progress.remote(w, r, since, timeout, self._timings_seen[w]))
 
-        def begin(w: int, late: bool = False) -> None:
-            finishes[w], horizon[w], stamps[w], waiting[w], busy[w] = [], -INF, -1, False, True
-            uploads.pop(w, None)
-            self._call("begin", w, self._actors[w].begin.remote(
-                r, point_arg, self.next_job[w], quotas[w], self._origin, self.cancel, sample_round,
-                round_wall, late, targets[w]))
-            poll(w, since_begin=True)
-            if server:
-                self.totals.vector_comms += 1  # the download of the point
+        def begin(workers: list[int], late: bool = False) -> None:
+            """Begin the round on ``workers``: one call per actor, so that the workers it hosts
+            start together (their first jobs form one rollout)."""
+            by_actor: dict[int, list[tuple]] = {}
+            for w in workers:
+                finishes[w], horizon[w], stamps[w], waiting[w], busy[w] = [], -INF, -1, False, True
+                uploads.pop(w, None)
+                by_actor.setdefault(self._host_of[w], []).append(
+                    (w, r, point_arg, self.next_job[w], quotas[w], self._origin, self.cancel, sample_round,
+                     round_wall, late, targets[w]))
+                if server:
+                    self.totals.vector_comms += 1  # the download of the point
+            for a, begins in by_actor.items():
+                self._call("begin", begins[0][0], self._actors[a].begin_all.remote(begins))
+            for w in workers:
+                poll(w, since_begin=True)
 
         def decide() -> tuple[RoundTally, float]:
             """The consumption rule over every finish that is certain (before all horizons)."""
@@ -415,13 +465,12 @@ class RayRuntime(Runtime):
                 return
             if kind == "ready":
                 self._back(w, out)
-                begin(w, late=True)
+                begin([w], late=True)
                 return
             if kind not in ("progress", "report", "halt"):
                 return
             self.next_job[w] = max(self.next_job[w], out["next_job"])
-            self.totals.trajectories_computed += out["completed"]
-            self._measured(w, out["timings"])
+            self._tally_reported(w, out)
             if out["round"] < r and kind == "progress" and not halting:
                 poll(w)  # answered before the round's begin reached the worker: ask again
             if out["round"] != r or w not in self._alive:
@@ -467,7 +516,7 @@ class RayRuntime(Runtime):
             now = time.time() - round_wall
             for w in live:
                 if waiting[w] and extra[w] > 0:
-                    self._actors[w].extend.remote(r, extra[w])
+                    self._host(w).extend.remote(w, r, extra[w])
                     # its next finishes come after this moment; nothing earlier is unreported, and
                     # a report from before the extension (its stamp) must not raise the horizon;
                     # the long poll it has answers with the extension
@@ -478,12 +527,11 @@ class RayRuntime(Runtime):
         def resume() -> None:
             """After a worker was lost while stopping: the others continue the same round."""
             for w in sorted(self._alive):
-                self._actors[w].resume.remote(r)
+                self._host(w).resume.remote(w, r)
                 horizon[w], busy[w], waiting[w] = -INF, True, False
                 keep_polling(w)
 
-        for w in sorted(self._alive):
-            begin(w)
+        begin(sorted(self._alive))
         halting, failures = False, 0
         while True:
             # -- computing: finish times only ----------------------------------------------
@@ -502,7 +550,7 @@ class RayRuntime(Runtime):
             halting = True
             for w in sorted(self._alive):
                 if not waiting[w]:  # a waiting worker has nothing in flight and starts nothing
-                    self._call("halt", w, self._actors[w].halt.remote(r))
+                    self._call("halt", w, self._host(w).halt.remote(w, r, self._timings_seen[w]))
             for ref, (k, v, _) in list(self._calls.items()):
                 if k == "progress" and waiting[v]:  # its long poll has nothing more to say
                     del self._calls[ref]
@@ -537,8 +585,9 @@ class RayRuntime(Runtime):
         return RayEvent(self.clock, update, t_start, t_stop, counts=list(tally.counts),
                         restarts=self.restarts - restarts0)
 
-    def _gather(self, calls: dict, timeout: float) -> tuple[dict, list[int]]:
-        """Wait for ``calls`` (ref -> worker); results by worker, and the workers that died."""
+    def _gather(self, calls: dict, timeout: float, per_actor: bool = False) -> tuple[dict, list[int]]:
+        """Wait for ``calls`` (ref -> worker, or -> actor index with ``per_actor``); results by
+        key, and the workers that died (all the workers of an actor that died)."""
         ray = _ray()
         results, lost = {}, []
         deadline = time.monotonic() + timeout
@@ -554,8 +603,9 @@ class RayRuntime(Runtime):
             try:
                 results[w] = ray.get(ready[0])
             except ray.exceptions.RayActorError as exc:
-                lost.append(w)
-                self._lost(w, "reduce", exc)
+                for v in self._groups[w] if per_actor else [w]:
+                    lost.append(v)
+                    self._lost(v, "reduce", exc)
             except ray.exceptions.RayTaskError as exc:
                 if self.aggregation == "allreduce":  # gloo error: a peer of this collective died?
                     results[w] = exc
@@ -571,7 +621,7 @@ class RayRuntime(Runtime):
         early = {w: sent_early[w] for w in uploaders
                  if w in sent_early and sent_early[w][0].count + sent_early[w][0].rejected == counts[w]}
         sent = time.time()
-        calls = {self._actors[w].upload.remote(r, counts[w]): w for w in uploaders if w not in early}
+        calls = {self._host(w).upload.remote(w, r, counts[w]): w for w in uploaders if w not in early}
         results, lost = self._gather(calls, timeout=self.worker_timeout + POLL)
         if lost:
             raise _Lost(lost)
@@ -587,9 +637,10 @@ class RayRuntime(Runtime):
         return self.alg.finish_round({w: results[w][0] for w in uploaders})
 
     def _ensure_group(self) -> int:
-        """The gloo process group over the live workers (rebuilt when membership changed)."""
+        """The gloo process group over the actors hosting live workers, one rank each (rebuilt
+        when membership changed)."""
         ray = _ray()
-        members = sorted(self._alive)
+        members = sorted({self._host_of[w] for w in self._alive})
         if self._group == members:
             return self._epoch
         self._epoch += 1
@@ -597,50 +648,56 @@ class RayRuntime(Runtime):
         try:
             ip, port = ray.get(self._actors[members[0]].open_store.remote(epoch), timeout=timeout)
         except ray.exceptions.RayActorError as exc:
-            self._lost(members[0], "reduce", exc)
-            raise _Lost([members[0]]) from None
-        calls = {self._actors[w].join_group.remote(epoch, rank, len(members), ip, port, timeout): w
-                 for rank, w in enumerate(members)}
-        results, lost = self._gather(calls, timeout + POLL)
+            for w in self._groups[members[0]]:
+                self._lost(w, "reduce", exc)
+            raise _Lost(self._groups[members[0]]) from None
+        calls = {self._actors[a].join_group.remote(epoch, rank, len(members), ip, port, timeout): a
+                 for rank, a in enumerate(members)}
+        results, lost = self._gather(calls, timeout + POLL, per_actor=True)
         if lost:
             raise _Lost(lost)
-        failed = {w: v for w, v in results.items() if isinstance(v, Exception)}
+        failed = {a: v for a, v in results.items() if isinstance(v, Exception)}
         if failed:
-            w, exc = next(iter(failed.items()))
+            a, exc = next(iter(failed.items()))
             raise _Lost([]) if len(failed) < len(members) else ApgaError(
-                f"runtime: gloo process group setup failed on worker {w}: {_first_line(exc)}")
+                f"runtime: gloo process group setup failed on the actor of workers {self._groups[a]}: "
+                f"{_first_line(exc)}")
         self._group = members
         return epoch
 
     def _reduce_allreduce(self, r: int, counts: list[int], point_digest: str) -> Update:
         ray = _ray()
         epoch = self._ensure_group()
-        members = self._group
-        calls = {self._actors[w].allreduce.remote(r, counts[w], epoch): w for w in members}
-        results, lost = self._gather(calls, timeout=max(10.0, min(self.worker_timeout, 60.0)) + POLL)
-        failed = {w: v for w, v in results.items() if isinstance(v, Exception)}
+        members = self._group  # actor indices, in rank order
+        calls = {self._actors[a].allreduce.remote(r, {w: counts[w] for w in self._groups[a]}, epoch): a
+                 for a in members}
+        results, lost = self._gather(calls, timeout=max(10.0, min(self.worker_timeout, 60.0)) + POLL,
+                                     per_actor=True)
+        failed = {a: v for a, v in results.items() if isinstance(v, Exception)}
         if lost or failed:
             self._group = None
             if not lost and len(failed) == len(members):
-                w, exc = next(iter(failed.items()))
+                a, exc = next(iter(failed.items()))
                 log.warning("AllReduce of round %d failed on every worker (%s); retrying", r, _first_line(exc))
             raise _Lost(lost)  # survivors keep their sums; the round resumes or retries
-        for w, out in results.items():
-            if out["point_digest"] != point_digest:
-                raise ApgaError(f"runtime: internal error: worker {w} computed at another point than the driver's")
+        for a, out in results.items():
+            for w, pdig in out["point_digests"].items():
+                if pdig != point_digest:
+                    raise ApgaError(f"runtime: internal error: worker {w} computed at another point than the driver's")
         rank0 = results[members[0]]
-        for w in members:
-            self._measured(w, [("allreduce", results[w]["seconds"])])
+        for a in members:
+            for w in self._groups[a]:
+                self._measured(w, [("allreduce", results[a]["seconds"])])
         digests = {out["digest"] for out in results.values()}
         self.alg.set_state(rank0["state"])
         if len(digests) > 1:  # ranks disagree in the last bits (e.g. different CPUs): realign on rank 0
             self.resyncs += 1
             log.warning("AllReduce ranks hold different parameters after round %d; resetting them to rank 0's", r)
-            ray.get([self._actors[w].set_protocol.remote(self.alg) for w in members])
+            ray.get([self._actors[a].set_protocol.remote(self.alg) for a in members])
         self.totals.vector_comms += 1
         update = rank0["update"]
         if update.used > 0:
-            update.returns = np.concatenate([results[w]["returns"] for w in members])
+            update.returns = np.concatenate([results[a]["returns"] for a in members])
         return update
 
     # --- per gradient ------------------------------------------------------------------------
@@ -648,7 +705,7 @@ class RayRuntime(Runtime):
         version, point = self.alg.current_point()
         job = self.next_job[w]
         self.next_job[w] += 1
-        self._call("job", w, self._actors[w].gradient_job.remote(point, job, self._origin), version)
+        self._call("job", w, self._host(w).gradient_job.remote(w, point, job, self._origin), version)
         self.totals.vector_comms += 1  # the point, to this worker only
 
     def _gradient_step(self) -> RayEvent:

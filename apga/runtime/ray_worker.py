@@ -1,9 +1,14 @@
-"""The body of one Ray worker actor: computes trajectories, keeps its round's local sum, reduces.
+"""The body of one Ray actor: hosts apga workers, computes their trajectories, keeps each one's
+round sum, reduces.
 
-One actor = one apga worker ``w``. It is a *threaded* actor: a background compute thread rolls out
-the worker's trajectories, while the driver's calls (begin a round, wait for progress, halt,
-upload, AllReduce, ...) are served by Ray's call threads. It never names a method: what it
-computes and how it reduces come from the protocol (apga/protocol/base.py).
+One actor process *hosts* one apga worker, or several when the workers share cores (more workers
+than CPUs, real time, round protocols: apga.runtime.ray_runtime.host_groups): each hosted worker
+keeps its own state (a :class:`Slot`: round, counters, finish times, sums), and the driver
+addresses every call to one worker ``w`` of the actor. It is a *threaded* actor: one background
+compute thread rolls out the trajectories of all its workers, while the driver's calls (begin a
+round, wait for progress, halt, upload, AllReduce, ...) are served by Ray's call threads. It never
+names a method: what it computes and how it reduces come from the protocol
+(apga/protocol/base.py).
 
 Batches (real time, no injected delays): a round's begin carries a *target*, the number of
 gradients the driver expects of this worker in the round (its share of the smallest total that
@@ -13,7 +18,10 @@ at a time, never past the protocol's quota), as one oracle call: one vectorised 
 GPOMDP pass, a fraction of the per-step overhead of k single rollouts (every trajectory is
 bit-identical to its one-job rollout; the batch's sum is the oracle's chunk sum). The batch's
 gradients are ready together, so they share one finish time, and the consumption rule takes
-all or none of them (a tie): a round consumes whole batches.
+all or none of them (a tie): a round consumes whole batches. An actor that hosts several workers
+rolls the jobs of all of them that compute at the round's point out as one such call (a wider
+batch: per env step the Python overhead is shared by more simulations); each worker's sum is its
+own part of the call.
 
 Past its target the worker goes on one job at a time, as a round's workers do, except when the
 actors share cores (more workers than CPUs, ``hold``): then a job past the target would only
@@ -30,8 +38,9 @@ simulator does. Finish times are round-relative: with ``runtime.inject_delays`` 
 time model's nominal times (begin + sum of the durations, as in the simulator), otherwise wall
 seconds since the round began. At the stop the driver says how many gradients b_w of this worker
 the round consumes (the first b_w in job order), and the worker either uploads its contribution
-(server aggregation) or takes part in one gloo AllReduce with the other workers and finishes the
-round on its own copy of the protocol (AllReduce aggregation).
+(server aggregation), or the actor takes part in one gloo AllReduce with the other actors (one
+rank per actor, carrying the sum of its workers' contributions) and finishes the round on its own
+copy of the protocol (AllReduce aggregation).
 
 Cancellation (``algorithm.cancel``): a halted round abandons its in-flight trajectory within one
 environment step (true) or lets it finish and discards it (false): the oracle's ``should_stop``
@@ -71,21 +80,14 @@ def _interface_of(ip: str) -> str | None:
     return None
 
 
-class WorkerActor:
-    """Ray actor body (the runtime wraps it with ``ray.remote``); ``spec`` is a plain dict."""
+class Slot:
+    """One hosted worker's state (every field guarded by its actor's ``cv``)."""
 
-    def __init__(self, worker: int, spec: dict):
-        import torch
-        torch.set_num_threads(1)
-        self.w, self.n = worker, spec["n"]
-        self.times, self.inject, self.cancel = spec["times"], spec["inject"], spec["cancel"]
-        self.comm = self.times.comm[worker] if self.inject else 0.0
-        self.oracle = spec["oracle_factory"]()
-        self.batch_max = max(1, int(spec.get("batch", 1)))  # jobs rolled out together at most
+    def __init__(self, worker: int, host: "WorkerActor"):
+        self.w, self.host = worker, host
+        self.comm = host.times.comm[worker] if host.inject else 0.0
+        self.cancel = host.cancel
         self.target = 0  # gradients the driver expects of this worker in the round (batches up to it)
-        self.hold = bool(spec.get("hold", False)) and not self.inject  # wait at the target (shared cores)
-        self.eager = self.hold and spec.get("aggregation") == "server"  # a waiting worker's report carries its sum
-        self.cv = threading.Condition()
         self.round = -1  # current round id
         self.halted = -1  # the last round halted
         self.active = False  # computing for the current round
@@ -106,187 +108,250 @@ class WorkerActor:
         self.busy_until = 0.0  # epoch at which the job in flight ends at the earliest (inject)
         self.stamp = 0  # bumped on every change a progress poll reports
         self.begin_stamp = 0  # the stamp the current round's begin set
-        self.completed = 0  # trajectories completed (used or discarded) since the last report
-        self.timings: list = []  # (kind, seconds) measured since the last report (timings.csv)
+        # Reports carry running totals, not news since the last report: a reply the driver
+        # drops (a waiting worker's long poll at the stop) then loses nothing.
+        self.completed = 0  # trajectories completed (used or discarded) by this actor incarnation
+        self.timings: list = []  # (kind, seconds) measured (timings.csv), from index timings_base on
+        self.timings_base = 0  # rows before it the driver has confirmed (and were dropped here)
         self.job_stop: threading.Event | None = None  # set -> abandon the trajectory in flight
-        self.closing = False
-        self.error = ""  # a failed job (reported to the driver by the next call)
-        self.protocol = None  # AllReduce mode: this worker's copy of the protocol
-        self.pending: tuple | None = None  # (round, protocol after its reduction) until the next begin
-        self.pg = None  # gloo process group (AllReduce mode)
-        self.group_epoch = -1
-        self._listen: socket.socket | None = None
-        self.thread = threading.Thread(target=self._compute_loop, name=f"apga-worker-{worker}", daemon=True)
-        self.thread.start()
 
-    # ------------------------------------------------------------------ small calls
-    def info(self) -> dict:
-        import ray
-        ctx = ray.get_runtime_context()
-        return {"worker": self.w, "pid": os.getpid(), "node_id": ctx.get_node_id(),
-                "ip": ray.util.get_node_ip_address(),
-                "restarted": ctx.was_current_actor_reconstructed}
-
-    def set_protocol(self, protocol) -> str:
-        """AllReduce mode: (re)load this worker's copy of the protocol (at start, after a
-        restart, on resync)."""
-        with self.cv:
-            self.protocol, self.pending = protocol, None
-        return digest(protocol.theta) if protocol is not None else ""
-
-    # ------------------------------------------------------------------ rounds
-    def begin(self, r: int, point, first_job: int, limit: int | None, origin: float, cancel: bool,
-              sample_round: int | None, round_wall: float, late: bool = False, target: int = 0) -> None:
-        """Start round ``r`` at ``point`` (None: this worker's protocol copy's round point) with
-        job indices first_job, first_job + 1, ...; at most ``limit`` jobs; ``cancel``: what its
-        halt does. ``sample_round`` (runtime.streams: round): trajectories are keyed by
-        (sample_round, index in the round) instead of by job index. ``round_wall``: the driver's
-        epoch of the round's start; ``late``: joining a round under way (after a restart);
-        ``target``: the gradients expected of this worker in the round (see the module docstring)."""
-        with self.cv:
-            if r <= self.round:
-                return  # stale or repeated
-            self.cancel = cancel
-            if self.pending is not None and self.pending[0] == r - 1:
-                self.protocol = self.pending[1]  # the previous round's AllReduce step, now committed
-            self.pending = None
-            download, sent = 0.0, point is not None
-            if point is None:  # AllReduce mode: no download, the point is this worker's own
-                point = self.protocol.round_point()
-            else:
-                download = self.comm
-            self.round, self.point, self.point_digest = r, np.asarray(point), digest(point)
-            self.results, self.finishes, self.started, self.next_job = [], [], 0, first_job
-            self.sample_round, self.round_wall, self.target = sample_round, round_wall, int(target)
-            # A halt of this round may overtake its begin (call threads run concurrently).
-            self.limit, self.origin, self.active = limit, origin, r > self.halted
-            now = time.time()
-            self.not_before = now + download
-            if sent:  # the point's download: from the driver's round start to when it is here
-                self.timings.append(("download", self.not_before - round_wall))
-            # Nominal start of the round's first job: after the download, or when a discarded
-            # job of the last round (cancel: false) or a late join lets the worker start.
-            self.nominal_begin = download
-            if late or self.job_stop is not None:
-                self.nominal_begin = max(download, (now if late else self.busy_until) - round_wall)
-            self.elapsed = Fraction(0)
-            self.stamp += 1
-            self.begin_stamp = self.stamp
-            self.cv.notify_all()
-
-    def resume(self, r: int) -> None:
-        """Continue round ``r`` after a halt (a reduction failed because another worker died)."""
-        with self.cv:
-            if self.round == r:
-                self.active, self.halted = True, r - 1
-                self.stamp += 1
-                self.cv.notify_all()
-
-    def progress(self, r: int, stamp: int | None, timeout: float) -> dict:
-        """Long poll: return once something changed since ``stamp`` (a gradient finished, a job
-        started with injected delays, the round halted or ended), or after ``timeout`` seconds.
-        ``stamp`` None: since the begin of round ``r`` (the driver's first poll of a round then
-        answers with the first news rather than with the begin itself, or at once if the worker
-        has nothing to compute)."""
-        deadline = time.monotonic() + timeout
-        with self.cv:
-            # A poll may overtake the begin of its round (call threads run concurrently): wait for it.
-            while not self.error and self.round <= r and (
-                    self.round < r or self.stamp <= (self.begin_stamp if stamp is None else stamp)):
-                if stamp is None and self.round == r and self.job_stop is None and not self._computing():
-                    break  # waiting from the start (target 0) or halted: no news will come
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self.cv.wait(left)
-            return self._report(r)
-
-    def halt(self, r: int) -> dict:
-        """Stop computing for round ``r``; cancel (or let finish and discard) the trajectory in flight."""
-        with self.cv:
-            self.halted = max(self.halted, r)
-            if self.round == r and self.active:
-                self.active = False
-                # cancel: abandon the job in flight; cancel: false lets it finish, but a job still
-                # waiting for the round's download never starts (as in the simulator)
-                if self.job_stop is not None and (self.cancel or time.time() < self.not_before):
-                    self.job_stop.set()
-                self.stamp += 1
-                self.cv.notify_all()
-            return self._report(r)
-
-    def extend(self, r: int, extra: int) -> None:
-        """Round ``r`` needs more: raise this worker's target by ``extra`` gradients."""
-        with self.cv:
-            if self.round == r and self.active:
-                self.target = max(self.target, self.started) + int(extra)
-                self.stamp += 1
-                self.cv.notify_all()
-
-    def _computing(self) -> bool:
+    def computing(self) -> bool:
         return (self.active and (self.limit is None or self.started < self.limit)
-                and (not self.hold or self.started < self.target))
+                and (not self.host.hold or self.started < self.target))
 
-    def _horizon(self) -> float:
+    def batch_size(self, room: int) -> int:
+        """Jobs this worker's part of the next rollout takes: one with injected delays (each has
+        its own nominal duration) or past the round's target; else up to the target, the quota
+        and ``room``."""
+        if self.host.inject:
+            return 1
+        left = self.target - self.started
+        if self.limit is not None:
+            left = min(left, self.limit - self.started)
+        return max(1, min(left, room))
+
+    def take(self, k: int) -> tuple[list[int], list[int]]:
+        """The next ``k`` job indices and the keys of their trajectories (started now)."""
+        jobs, samples = [], []
+        for _ in range(k):
+            jobs.append(self.next_job)
+            samples.append(self.next_job if self.sample_round is None
+                           else round_sample(self.sample_round, self.started))
+            self.next_job += 1
+            self.started += 1
+        return jobs, samples
+
+    def horizon(self) -> float:
         """Every gradient of this round that finishes before the horizon has been reported."""
-        if not self.active or (self.job_stop is None and not self._computing()):
+        if not self.active or (self.job_stop is None and not self.computing()):
             return INF  # halted, or quota reached with nothing in flight: no more finishes
-        if not self.inject:
+        if not self.host.inject:
             return time.time() - self.round_wall  # anything still running finishes later
         if self.inflight_finish is not None and self.job_stop is not None:
             return self.inflight_finish
         return self.nominal_begin + float(self.elapsed)  # between jobs: the next one ends later
 
-    def _report(self, r: int) -> dict:
-        if self.error:
-            raise RuntimeError(self.error)
+    def report(self, r: int, seen: int) -> dict:
+        """The worker's state for a poll about round ``r``; ``seen``: the timing rows the driver
+        has (dropped here; the reply carries the rest, numbered from ``timings_base``)."""
+        if self.host.error:
+            raise RuntimeError(self.host.error)
         current = self.round == r
-        done, timings = 0, []
-        if current:  # a reply to a poll of a past round may be one the driver no longer waits for
-            done, self.completed = self.completed, 0
-            timings, self.timings = self.timings, []
-        busy = current and (self.job_stop is not None or self._computing())
+        if seen > self.timings_base:
+            del self.timings[:seen - self.timings_base]
+            self.timings_base = seen
+        busy = current and (self.job_stop is not None or self.computing())
         # holding at its target (hold), nothing in flight, its quota not reached: extend() resumes it
-        waiting = (current and self.hold and self.active and not busy
+        waiting = (current and self.host.hold and self.active and not busy
                    and (self.limit is None or self.started < self.limit))
         # A waiting worker has nothing in flight: the round's upload rides on this report (the
         # driver uses it if the round consumes all of this worker's gradients, else calls upload).
         upload = None
-        if waiting and self.eager and self.results:
-            upload = (self._merged(self.results), self.point_digest)
+        if waiting and self.host.eager and self.results:
+            upload = (merged(self.results), self.point_digest)
         return {"round": self.round, "finishes": list(self.finishes) if current else [],
-                "horizon": self._horizon() if current else INF, "stamp": self.stamp,
-                "next_job": self.next_job, "busy": busy, "waiting": waiting, "completed": done,
-                "timings": timings, "upload": upload}
+                "horizon": self.horizon() if current else INF, "stamp": self.stamp,
+                "next_job": self.next_job, "busy": busy, "waiting": waiting, "completed": self.completed,
+                "timings": (self.timings_base, list(self.timings)), "upload": upload}
 
-    def _batch(self, r: int, b: int) -> WorkerBatch | None:
+    def first(self, r: int, b: int) -> WorkerBatch | None:
         """The sum of the round's first ``b`` gradients: whole batches (a batch's gradients share
         a finish time, so the consumption rule takes all of them or none)."""
+        parts, total = [], 0
+        for part in self.results if self.round == r else []:
+            if total >= b:
+                break
+            parts.append(part)
+            total += part.count + part.rejected
+        if self.round != r or total != b:
+            raise RuntimeError(f"worker {self.w}: round {r} has no first {b} gradients in whole batches "
+                               f"({len(self.finishes)} gradients, actor round {self.round})")
+        return merged(parts) if parts else None
+
+
+def merged(parts: list[WorkerBatch]) -> WorkerBatch:
+    out = parts[0]
+    for p in parts[1:]:
+        out = out.merge(p)  # job order, as the oracle accumulates a worker's jobs
+    return out
+
+
+class WorkerActor:
+    """Ray actor body (the runtime wraps it with ``ray.remote``): hosts ``workers``; ``spec`` is a
+    plain dict. Every call about one worker takes its index ``w`` first."""
+
+    def __init__(self, workers: list[int], spec: dict):
+        import torch
+        torch.set_num_threads(1)
+        self.n = spec["n"]
+        self.times, self.inject, self.cancel = spec["times"], spec["inject"], spec["cancel"]
+        self.oracle = spec["oracle_factory"]()
+        self.batch_max = max(1, int(spec.get("batch", 1)))  # jobs rolled out together at most
+        self.hold = bool(spec.get("hold", False)) and not self.inject  # wait at the target (shared cores)
+        self.eager = self.hold and spec.get("aggregation") == "server"  # a waiting worker's report carries its sum
+        self.cv = threading.Condition()
+        self.slots = {w: Slot(w, self) for w in sorted(workers)}
+        self.closing = False
+        self.error = ""  # a failed job (reported to the driver by the next call)
+        self.protocol = None  # AllReduce mode: this actor's copy of the protocol
+        self.pending: tuple | None = None  # (round, protocol after its reduction) until the next begin
+        self.pg = None  # gloo process group (AllReduce mode)
+        self.group_epoch = -1
+        self._listen: socket.socket | None = None
+        name = f"apga-worker-{min(self.slots)}" + (f"-{max(self.slots)}" if len(self.slots) > 1 else "")
+        self.thread = threading.Thread(target=self._compute_loop, name=name, daemon=True)
+        self.thread.start()
+
+    # ------------------------------------------------------------------ small calls
+    def info(self, w: int) -> dict:
+        import ray
+        ctx = ray.get_runtime_context()
+        return {"worker": w, "pid": os.getpid(), "node_id": ctx.get_node_id(),
+                "ip": ray.util.get_node_ip_address(),
+                "restarted": ctx.was_current_actor_reconstructed}
+
+    def set_protocol(self, protocol) -> str:
+        """AllReduce mode: (re)load this actor's copy of the protocol (at start, after a restart,
+        on resync)."""
         with self.cv:
-            parts, total = [], 0
-            for part in self.results if self.round == r else []:
-                if total >= b:
+            self.protocol, self.pending = protocol, None
+        return digest(protocol.theta) if protocol is not None else ""
+
+    # ------------------------------------------------------------------ rounds
+    def begin(self, w: int, r: int, point, first_job: int, limit: int | None, origin: float, cancel: bool,
+              sample_round: int | None, round_wall: float, late: bool = False, target: int = 0) -> None:
+        """Worker ``w`` starts round ``r`` at ``point`` (None: this actor's protocol copy's round
+        point) with job indices first_job, first_job + 1, ...; at most ``limit`` jobs; ``cancel``:
+        what its halt does. ``sample_round`` (runtime.streams: round): trajectories are keyed by
+        (sample_round, index in the round) instead of by job index. ``round_wall``: the driver's
+        epoch of the round's start; ``late``: joining a round under way (after a restart);
+        ``target``: the gradients expected of this worker in the round (see the module docstring)."""
+        self.begin_all([(w, r, point, first_job, limit, origin, cancel, sample_round, round_wall, late, target)])
+
+    def begin_all(self, begins: list[tuple]) -> None:
+        """Several :meth:`begin` calls (argument tuples) at once: the compute thread sees all of
+        them together, so their first jobs form one rollout."""
+        with self.cv:
+            for args in begins:
+                self._begin(*args)
+            self.cv.notify_all()
+
+    def _begin(self, w: int, r: int, point, first_job: int, limit: int | None, origin: float, cancel: bool,
+               sample_round: int | None, round_wall: float, late: bool = False, target: int = 0) -> None:
+        s = self.slots[w]
+        if r <= s.round:
+            return  # stale or repeated
+        s.cancel = cancel
+        if self.pending is not None and self.pending[0] == r - 1:
+            self.protocol = self.pending[1]  # the previous round's AllReduce step, now committed
+            self.pending = None
+        download, sent = 0.0, point is not None
+        if point is None:  # AllReduce mode: no download, the point is this actor's own
+            point = self.protocol.round_point()
+        else:
+            download = s.comm
+        s.round, s.point, s.point_digest = r, np.asarray(point), digest(point)
+        s.results, s.finishes, s.started, s.next_job = [], [], 0, first_job
+        s.sample_round, s.round_wall, s.target = sample_round, round_wall, int(target)
+        # A halt of this round may overtake its begin (call threads run concurrently).
+        s.limit, s.origin, s.active = limit, origin, r > s.halted
+        now = time.time()
+        s.not_before = now + download
+        if sent:  # the point's download: from the driver's round start to when it is here
+            s.timings.append(("download", s.not_before - round_wall))
+        # Nominal start of the round's first job: after the download, or when a discarded
+        # job of the last round (cancel: false) or a late join lets the worker start.
+        s.nominal_begin = download
+        if late or s.job_stop is not None:
+            s.nominal_begin = max(download, (now if late else s.busy_until) - round_wall)
+        s.elapsed = Fraction(0)
+        s.stamp += 1
+        s.begin_stamp = s.stamp
+
+    def resume(self, w: int, r: int) -> None:
+        """Worker ``w`` continues round ``r`` after a halt (a reduction failed because another
+        worker died)."""
+        with self.cv:
+            s = self.slots[w]
+            if s.round == r:
+                s.active, s.halted = True, r - 1
+                s.stamp += 1
+                self.cv.notify_all()
+
+    def progress(self, w: int, r: int, stamp: int | None, timeout: float, seen: int = 0) -> dict:
+        """Long poll: return once something changed for worker ``w`` since ``stamp`` (a gradient
+        finished, a job started with injected delays, the round halted or ended), or after
+        ``timeout`` seconds. ``stamp`` None: since the begin of round ``r`` (the driver's first
+        poll of a round then answers with the first news rather than with the begin itself, or
+        at once if the worker has nothing to compute). ``seen``: see :meth:`Slot.report`."""
+        deadline = time.monotonic() + timeout
+        with self.cv:
+            s = self.slots[w]
+            # A poll may overtake the begin of its round (call threads run concurrently): wait for it.
+            while not self.error and s.round <= r and (
+                    s.round < r or s.stamp <= (s.begin_stamp if stamp is None else stamp)):
+                if stamp is None and s.round == r and s.job_stop is None and not s.computing():
+                    break  # waiting from the start (target 0) or halted: no news will come
+                left = deadline - time.monotonic()
+                if left <= 0:
                     break
-                parts.append(part)
-                total += part.count + part.rejected
-            if self.round != r or total != b:
-                raise RuntimeError(f"worker {self.w}: round {r} has no first {b} gradients in whole batches "
-                                   f"({len(self.finishes)} gradients, actor round {self.round})")
-        return self._merged(parts) if parts else None
+                self.cv.wait(left)
+            return s.report(r, seen)
 
-    @staticmethod
-    def _merged(parts: list[WorkerBatch]) -> WorkerBatch:
-        out = parts[0]
-        for p in parts[1:]:
-            out = out.merge(p)  # job order, as the oracle accumulates a worker's jobs
-        return out
+    def halt(self, w: int, r: int, seen: int = 0) -> dict:
+        """Worker ``w`` stops computing for round ``r``; its trajectories in flight are cancelled
+        (or let finish and discarded). A rollout shared with other hosted workers is cancelled
+        for all of them: the driver halts every worker of a round at once."""
+        with self.cv:
+            s = self.slots[w]
+            s.halted = max(s.halted, r)
+            if s.round == r and s.active:
+                s.active = False
+                # cancel: abandon the job in flight; cancel: false lets it finish, but a job still
+                # waiting for the round's download never starts (as in the simulator)
+                if s.job_stop is not None and (s.cancel or time.time() < s.not_before):
+                    s.job_stop.set()
+                s.stamp += 1
+                self.cv.notify_all()
+            return s.report(r, seen)
 
-    def upload(self, r: int, b: int) -> tuple[WorkerBatch | None, str]:
-        """Server aggregation: the sum of this worker's first ``b`` gradients of round ``r``."""
-        batch = self._batch(r, b)
-        if self.inject and self.comm > 0:
-            time.sleep(self.comm)
-        return batch, self.point_digest
+    def extend(self, w: int, r: int, extra: int) -> None:
+        """Round ``r`` needs more: raise worker ``w``'s target by ``extra`` gradients."""
+        with self.cv:
+            s = self.slots[w]
+            if s.round == r and s.active:
+                s.target = max(s.target, s.started) + int(extra)
+                s.stamp += 1
+                self.cv.notify_all()
+
+    def upload(self, w: int, r: int, b: int) -> tuple[WorkerBatch | None, str]:
+        """Server aggregation: the sum of worker ``w``'s first ``b`` gradients of round ``r``."""
+        with self.cv:
+            s = self.slots[w]
+            batch, point_digest, comm = s.first(r, b), s.point_digest, s.comm
+        if self.inject and comm > 0:
+            time.sleep(comm)
+        return batch, point_digest
 
     # ------------------------------------------------------------------ AllReduce (gloo)
     def open_store(self, epoch: int) -> tuple[str, int]:
@@ -306,7 +371,7 @@ class WorkerActor:
             self._listen = None
 
     def join_group(self, epoch: int, rank: int, world: int, ip: str, port: int, timeout: float) -> int:
-        """(Re)build the gloo process group of this epoch: ``world`` live workers, this one as ``rank``.
+        """(Re)build the gloo process group of this epoch: ``world`` live actors, this one as ``rank``.
 
         The rendezvous is a c10d TCPStore on ``ip:port`` (rank 0 hosts it on the socket bound by
         :meth:`open_store`, i.e. on its node IP only, never on all interfaces); gloo's own
@@ -340,24 +405,34 @@ class WorkerActor:
                 pass
         self.pg, self.store = None, None
 
-    def allreduce(self, r: int, b: int, epoch: int) -> dict:
-        """AllReduce aggregation of round ``r`` with this worker's first ``b`` gradients.
+    def allreduce(self, r: int, counts: dict, epoch: int) -> dict:
+        """AllReduce aggregation of round ``r`` with the first ``counts[w]`` gradients of each
+        hosted worker ``w``.
 
-        One AllReduce of [contribution, accepted count, rejected count, live flag, env steps],
-        the contribution being the protocol's (e.g. the sum g_w, or the mean g_w / b_w). Every
-        worker then finishes the round on its own copy of the protocol with the same numbers; the
-        step is committed when the next round begins.
+        One AllReduce of [contribution, accepted count, rejected count, live workers, env steps],
+        summed over this actor's workers, the contribution being the protocol's (e.g. the sum
+        g_w, or the mean g_w / b_w). Every actor then finishes the round on its own copy of the
+        protocol with the same numbers; the step is committed when the next round begins.
         """
         import torch
         import torch.distributed as dist
         if epoch != self.group_epoch or self.pg is None:
-            raise RuntimeError(f"worker {self.w}: process group epoch {self.group_epoch}, driver expects {epoch}")
-        batch = self._batch(r, b)
+            raise RuntimeError(f"workers {list(self.slots)}: process group epoch {self.group_epoch}, "
+                               f"driver expects {epoch}")
         dim = self.protocol.theta.shape[0]
-        count = batch.count if batch else 0
-        vec = self.protocol.contribution(batch) if count else np.zeros(dim)
-        buf = np.concatenate([vec, [count, batch.rejected if batch else 0, 1.0 if count > 0 else 0.0,
-                                    batch.env_steps if batch else 0]])
+        buf, returns, digests = np.zeros(dim + 4), [], {}
+        with self.cv:
+            for w in sorted(counts):
+                s = self.slots[w]
+                if s.round == r:
+                    digests[w] = s.point_digest
+                batch = s.first(r, counts[w]) if counts[w] else None
+                count = batch.count if batch else 0
+                part = np.concatenate([self.protocol.contribution(batch) if count else np.zeros(dim),
+                                       [count, batch.rejected if batch else 0, 1.0 if count > 0 else 0.0,
+                                        batch.env_steps if batch else 0]])
+                buf = part if len(returns) == 0 else buf + part  # one worker: its buffer as it is
+                returns.append(batch.returns if batch else np.zeros(0))
         t0 = time.time()
         tensor = torch.from_numpy(buf)
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.pg)
@@ -371,104 +446,114 @@ class WorkerActor:
         with self.cv:
             self.pending = (r, after)
         return {"digest": digest(after.theta), "state": after.get_state() if self.rank == 0 else None,
-                "update": update, "point_digest": self.point_digest, "seconds": seconds,
-                "returns": batch.returns if batch else np.zeros(0)}
+                "update": update, "point_digests": digests, "seconds": seconds,
+                "returns": np.concatenate(returns) if returns else np.zeros(0)}
 
     # ------------------------------------------------------------------ per gradient
-    def gradient_job(self, point: np.ndarray, job: int, origin: float) -> tuple[WorkerBatch, list] | None:
-        """One gradient at ``point`` (after the injected download, before the injected upload),
-        with the measured (kind, seconds) of its download, computation and upload."""
+    def gradient_job(self, w: int, point: np.ndarray, job: int, origin: float) -> tuple[WorkerBatch, list] | None:
+        """One gradient of worker ``w`` at ``point`` (after the injected download, before the
+        injected upload), with the measured (kind, seconds) of its download, computation and
+        upload."""
         stop = threading.Event()
         with self.cv:
-            self.origin, self.job_stop = origin, stop
+            s = self.slots[w]
+            s.origin, s.job_stop = origin, stop
         try:
             t0 = time.time()
-            if self.inject and self.comm > 0 and stop.wait(self.comm):
+            if self.inject and s.comm > 0 and stop.wait(s.comm):
                 return None
             start = time.time()
-            duration = self.times.compute(self.w, job, start - self.origin) if self.inject else 0.0
-            batch = self._run_jobs(np.asarray(point), [job], stop, start + duration)
+            duration = self.times.compute(w, job, start - s.origin) if self.inject else 0.0
+            out = self._run_jobs(np.asarray(point), [(w, job)], stop, start + duration)
             done = time.time()
-            if batch is None or (self.inject and self.comm > 0 and stop.wait(self.comm)):
+            if out is None or (self.inject and s.comm > 0 and stop.wait(s.comm)):
                 return None
-            return batch, [("download", start - t0), ("compute", done - start), ("upload", time.time() - done)]
+            return out[w], [("download", start - t0), ("compute", done - start), ("upload", time.time() - done)]
         finally:
             with self.cv:
-                self.job_stop = None
+                s.job_stop = None
 
     # ------------------------------------------------------------------ compute
-    def _batch_size(self) -> int:
-        """Jobs the next rollout takes: one with injected delays (each has its own nominal
-        duration) or past the round's target; else up to the target, the quota and batch_max."""
-        if self.inject:
-            return 1
-        left = self.target - self.started
-        if self.limit is not None:
-            left = min(left, self.limit - self.started)
-        return max(1, min(left, self.batch_max))
+    def _plan(self) -> list[tuple[Slot, list[int], list[int]]]:
+        """(worker, jobs, keys) of the next rollout, taken now: the first computing worker's
+        jobs, then those of the other workers computing at the same round and point, up to
+        ``batch_max`` jobs in all (with injected delays one job of one worker: each has its own
+        nominal duration)."""
+        lead = next(s for s in self.slots.values() if s.computing())
+        plan, room = [], self.batch_max
+        for s in self.slots.values():
+            if room <= 0 or (self.inject and plan):
+                break
+            if s.computing() and s.round == lead.round and s.point_digest == lead.point_digest:
+                k = s.batch_size(room)
+                plan.append((s, *s.take(k)))
+                room -= k
+        return plan
 
     def _compute_loop(self) -> None:
         while True:
             with self.cv:
-                while not self.closing and not self._computing():
+                while not self.closing and not any(s.computing() for s in self.slots.values()):
                     self.cv.wait()
                 if self.closing:
                     return
-                r, point = self.round, self.point
-                jobs, samples = [], []
-                for _ in range(self._batch_size()):
-                    jobs.append(self.next_job)
-                    samples.append(self.next_job if self.sample_round is None
-                                   else round_sample(self.sample_round, self.started))
-                    self.next_job += 1
-                    self.started += 1
+                plan = self._plan()
+                lead = plan[0][0]
+                rounds = [s.round for s, _, _ in plan]
                 stop = threading.Event()
-                self.job_stop = stop
-                start_wall = max(time.time(), self.not_before)
+                for s, _, _ in plan:
+                    s.job_stop = stop
+                start_wall = max(time.time(), max(s.not_before for s, _, _ in plan))
                 target = start_wall
                 if self.inject:
                     # Nominal times as in the simulator: begin + exact sum of the durations.
-                    duration = self.times.compute(self.w, jobs[0], start_wall - self.origin)
-                    self.elapsed += Fraction(duration)
-                    self.inflight_finish = self.nominal_begin + float(self.elapsed)
+                    duration = self.times.compute(lead.w, plan[0][1][0], start_wall - lead.origin)
+                    lead.elapsed += Fraction(duration)
+                    lead.inflight_finish = lead.nominal_begin + float(lead.elapsed)
                     target = start_wall + duration
-                    self.busy_until = target
-                    self.stamp += 1
+                    lead.busy_until = target
+                    lead.stamp += 1
                     self.cv.notify_all()
-                wait = self.not_before - time.time()
-            batch = None
+                wait = max(s.not_before for s, _, _ in plan) - time.time()
+                point = lead.point
+                jobs = [(s.w, key) for s, _, keys in plan for key in keys]
+            out = None
             try:
                 if wait <= 0 or not stop.wait(wait):  # injected download of the round's point
-                    batch = self._run_jobs(point, samples, stop, target)
+                    out = self._run_jobs(point, jobs, stop, target)
             except Exception as exc:  # a bug or a broken env: reported to the driver, which stops
                 import traceback
                 with self.cv:
-                    self.error = f"job ({self.w}, {jobs[0]}) failed: {type(exc).__name__}: {exc}\n{traceback.format_exc()}"
-                    self.active = False
+                    self.error = (f"job ({lead.w}, {plan[0][1][0]}) failed: {type(exc).__name__}: {exc}\n"
+                                  f"{traceback.format_exc()}")
+                    for s, _, _ in plan:
+                        s.active = False
             with self.cv:
-                self.job_stop = None
-                finished = self.inflight_finish if self.inject else time.time() - self.round_wall
-                if not self.inject and self.finishes and self.round == r:  # in job order, even if the clock steps back
-                    finished = max(finished, self.finishes[-1])
-                self.inflight_finish = None
-                if batch is not None:
-                    self.completed += len(jobs)
-                    # one row per trajectory (timings.csv replays them): a batch's time, shared
-                    self.timings.extend([("compute", (time.time() - start_wall) / len(jobs))] * len(jobs))
-                    if self.round == r and self.active:
-                        self.results.append(batch)
-                        self.finishes.extend([finished] * len(jobs))
-                self.stamp += 1
+                total = len(jobs)
+                seconds = (time.time() - start_wall) / total
+                for (s, own, _), r in zip(plan, rounds):
+                    s.job_stop = None
+                    finished = s.inflight_finish if self.inject else time.time() - s.round_wall
+                    if not self.inject and s.finishes and s.round == r:  # in job order, even if the clock steps back
+                        finished = max(finished, s.finishes[-1])
+                    s.inflight_finish = None
+                    if out is not None:
+                        s.completed += len(own)
+                        # one row per trajectory (timings.csv replays them): the rollout's time, shared
+                        s.timings.extend([("compute", seconds)] * len(own))
+                        if s.round == r and s.active:
+                            s.results.append(out[s.w])
+                            s.finishes.extend([finished] * len(own))
+                    s.stamp += 1
                 self.cv.notify_all()
 
-    def _run_jobs(self, point: np.ndarray, samples: list[int], stop: threading.Event,
-                  target: float) -> WorkerBatch | None:
-        """The gradients at ``point`` of the jobs keyed ``samples``, rolled out together and summed
-        (one oracle call: bit-identical to ``oracle.gradients(point, [(w, s) for s in samples])``);
-        padded to the epoch ``target`` when delays are injected; None if ``stop`` was set before
-        they finished."""
+    def _run_jobs(self, point: np.ndarray, jobs: list[tuple[int, int]], stop: threading.Event,
+                  target: float) -> dict[int, WorkerBatch] | None:
+        """The gradients at ``point`` of ``jobs`` ((worker, key) pairs), rolled out together and
+        summed per worker (one oracle call); padded to the epoch ``target`` when delays are
+        injected; None if ``stop`` was set before they finished."""
         try:  # the oracle checks ``stop`` before every env step: cancellation within one step
-            out = self.oracle.gradients(point, [(self.w, s) for s in samples], should_stop=stop.is_set)
+            out = self.oracle.gradients(point, jobs, should_stop=stop.is_set)
         except Cancelled:
             return None
         if out is None or stop.is_set():
@@ -476,13 +561,15 @@ class WorkerActor:
         left = target - time.time()
         if left > 0 and stop.wait(left):
             return None
-        return out[self.w]
+        return out
 
     def shutdown(self) -> None:
         with self.cv:
-            self.closing, self.active = True, False
-            if self.job_stop is not None:
-                self.job_stop.set()
+            self.closing = True
+            for s in self.slots.values():
+                s.active = False
+                if s.job_stop is not None:
+                    s.job_stop.set()
             self.cv.notify_all()
         self.leave_group()
         self._close_listen()
