@@ -322,7 +322,8 @@ class RayRuntime(Runtime):
         return self._round_step()
 
     # --- calls and faults ------------------------------------------------------------------
-    def _call(self, kind: str, w: int, ref, extra=None) -> None:
+    def _call(self, kind: str, w: int | None, ref, extra=None) -> None:
+        """Track a call about worker ``w``, or about all the workers of actor ``extra`` (w None)."""
         self._calls[ref] = (kind, w, extra)
 
     def _wait(self, timeout: float = WAKE, kinds: tuple | None = None):
@@ -341,10 +342,12 @@ class RayRuntime(Runtime):
         try:
             return kind, w, extra, ray.get(ref), None
         except ray.exceptions.RayActorError as exc:
-            self._lost(w, kind, exc)
+            for v in [w] if w is not None else self._groups[extra]:
+                self._lost(v, kind, exc)
             return kind, w, extra, None, exc
         except ray.exceptions.RayTaskError as exc:
-            raise ApgaError(f"worker {w} failed in {kind}: {_first_line(exc)}") from exc
+            who = f"worker {w}" if w is not None else f"the actor of workers {self._groups[extra]}"
+            raise ApgaError(f"{who} failed in {kind}: {_first_line(exc)}") from exc
 
     def _lost(self, w: int, kind: str, exc) -> None:
         """A call to worker w failed because its actor died. Mark it lost and probe it: the probe
@@ -359,8 +362,8 @@ class RayRuntime(Runtime):
             self._alive.discard(w)
             self._dead_since[w] = time.monotonic()
             self._group = None  # the process group must be rebuilt
-            for ref, (k, v, _) in list(self._calls.items()):
-                if v == w:
+            for ref, (k, v, a) in list(self._calls.items()):
+                if v == w or (v is None and a == self._host_of[w]):  # its actor's calls too
                     del self._calls[ref]
         if w not in self._gone and not any(k == "ready" and v == w for k, v, _ in self._calls.values()):
             self._call("ready", w, self._host(w).info.remote(w))
@@ -420,16 +423,23 @@ class RayRuntime(Runtime):
         stamps = [-1] * n  # the newest report seen per worker
         waiting = [False] * n  # the newest report says: holding at its target, nothing in flight
         busy = [True] * n  # the newest report says: computing or a job in flight
-        uploads: dict[int, tuple] = {}  # worker -> (sum of all its gradients, point digest) sent eagerly
+        uploads: dict[int, tuple] = {}  # worker -> (sum of its gradients so far, point digest) sent eagerly
+
+        def size(sent: tuple) -> int:
+            return sent[0].count + sent[0].rejected
         self._calls = {ref: c for ref, c in self._calls.items() if c[0] == "ready"}
 
-        def poll(w: int, kind: str = "progress", since_begin: bool = False) -> None:
+        def poll(a: int, kind: str = "progress", fresh: tuple = ()) -> None:
+            """Poll actor ``a`` about its live workers (``fresh``: those whose round just began)."""
             timeout = POLL if kind == "progress" else 0.0  # "report": answer at once
             # The first poll of a round: in real time, wait for the first news (a finished batch:
             # the begin itself says nothing); with injected delays answer at once, since the
             # worker's horizon (the nominal finish of its job in flight) lets the round stop.
-            since = None if since_begin and not self.inject else stamps[w]
-            self._call(kind, w, self._host(w).progress.remote(w, r, since, timeout, self._timings_seen[w]))
+            since = {w: None if w in fresh and not self.inject else stamps[w]
+                     for w in self._groups[a] if w in self._alive}
+            if since:
+                seen = {w: self._timings_seen[w] for w in since}
+                self._call(kind, None, self._actors[a].progress.remote(r, since, timeout, seen), a)
 
         def begin(workers: list[int], late: bool = False) -> None:
             """Begin the round on ``workers``: one call per actor, so that the workers it hosts
@@ -444,9 +454,8 @@ class RayRuntime(Runtime):
                 if server:
                     self.totals.vector_comms += 1  # the download of the point
             for a, begins in by_actor.items():
-                self._call("begin", begins[0][0], self._actors[a].begin_all.remote(begins))
-            for w in workers:
-                poll(w, since_begin=True)
+                self._call("begin", None, self._actors[a].begin_all.remote(begins), a)
+                poll(a, fresh=tuple(b[0] for b in begins))
 
         def decide() -> tuple[RoundTally, float]:
             """The consumption rule over every finish that is certain (before all horizons)."""
@@ -459,9 +468,10 @@ class RayRuntime(Runtime):
             return tally, h
 
         def handle(item) -> None:
-            kind, w, extra, out, err = item
+            kind, w, a, out, err = item
             if err is not None:
-                finishes[w] = []  # lost with its actor
+                for v in [w] if w is not None else self._groups[a]:
+                    finishes[v] = []  # lost with its actor
                 return
             if kind == "ready":
                 self._back(w, out)
@@ -469,38 +479,46 @@ class RayRuntime(Runtime):
                 return
             if kind not in ("progress", "report", "halt"):
                 return
+            again = False
+            for v, report in out.items():
+                again |= take(v, report) and kind == "progress" and not halting
+            if again:
+                keep_polling(a)
+
+        def take(w: int, out: dict) -> bool:
+            """One worker's report; True if its actor should stay polled for it."""
             self.next_job[w] = max(self.next_job[w], out["next_job"])
             self._tally_reported(w, out)
-            if out["round"] < r and kind == "progress" and not halting:
-                poll(w)  # answered before the round's begin reached the worker: ask again
+            if out["round"] < r:
+                return True  # answered before the round's begin reached the worker: ask again
             if out["round"] != r or w not in self._alive:
-                return
+                return False
+            sent = out.get("upload")
+            if sent is not None and (w not in uploads or size(sent) > size(uploads[w])):
+                uploads[w] = sent  # a later sum holds more gradients (replies may overtake each other)
             if out["stamp"] > stamps[w]:
                 finishes[w], horizon[w], stamps[w] = out["finishes"], out["horizon"], out["stamp"]
                 waiting[w], busy[w] = out.get("waiting", False), out["busy"]
-                if out.get("upload") is not None:
-                    uploads[w] = out["upload"]
             elif out["stamp"] == stamps[w]:
                 horizon[w] = max(horizon[w], out["horizon"])
-            # Keep one long poll on a worker whose newest known state is busy or waiting (so
-            # that its death is noticed); never a second one.
-            if kind == "progress" and not halting and (busy[w] or waiting[w]):
-                keep_polling(w)
+            # Keep one long poll on an actor with a worker whose newest known state is busy or
+            # waiting (so that its death is noticed); never a second one.
+            return busy[w] or waiting[w]
 
-        def keep_polling(w: int) -> None:
-            if not any(k == "progress" and v == w for k, v, _ in self._calls.values()):
-                poll(w)
+        def keep_polling(a: int) -> None:
+            if not any(k == "progress" and v is None and x == a for k, v, x in self._calls.values()):
+                poll(a)
 
         def ask_laggards(h: float) -> None:
             """Without injected delays horizons are wall times: a worker busy with a long
-            trajectory reports nothing, so ask the ones that hold back a finish already known."""
+            trajectory reports nothing, so ask the actors of those that hold back a finish
+            already known."""
             pending = [t for w in self._alive for t in finishes[w] if t >= h]
             if self.inject or not pending:
                 return
-            asked = {v for k, v, _ in self._calls.values() if k == "report"}
-            for w in sorted(self._alive):
-                if horizon[w] <= min(pending) and w not in asked:
-                    poll(w, "report")
+            asked = {x for k, v, x in self._calls.values() if k == "report"}
+            for a in sorted({self._host_of[w] for w in self._alive if horizon[w] <= min(pending)} - asked):
+                poll(a, "report")
 
         def extend(tally: RoundTally) -> None:
             """No live worker computes, some wait at their targets, and the round still needs
@@ -522,14 +540,15 @@ class RayRuntime(Runtime):
                     # the long poll it has answers with the extension
                     horizon[w], waiting[w], busy[w] = now, False, True
                     stamps[w] += 0.5
-                    keep_polling(w)
+                    keep_polling(self._host_of[w])
 
         def resume() -> None:
             """After a worker was lost while stopping: the others continue the same round."""
             for w in sorted(self._alive):
                 self._host(w).resume.remote(w, r)
                 horizon[w], busy[w], waiting[w] = -INF, True, False
-                keep_polling(w)
+            for a in sorted({self._host_of[w] for w in self._alive}):
+                keep_polling(a)
 
         begin(sorted(self._alive))
         halting, failures = False, 0
@@ -548,11 +567,15 @@ class RayRuntime(Runtime):
             t_stop = self._now()
             # -- stop: halt everyone, drain the polls (restarted workers rejoin next round) ---
             halting = True
+            halts: dict[int, list[int]] = {}
             for w in sorted(self._alive):
                 if not waiting[w]:  # a waiting worker has nothing in flight and starts nothing
-                    self._call("halt", w, self._host(w).halt.remote(w, r, self._timings_seen[w]))
-            for ref, (k, v, _) in list(self._calls.items()):
-                if k == "progress" and waiting[v]:  # its long poll has nothing more to say
+                    halts.setdefault(self._host_of[w], []).append(w)
+            for a, ws in halts.items():
+                seen = {w: self._timings_seen[w] for w in ws}
+                self._call("halt", None, self._actors[a].halt.remote(r, ws, seen), a)
+            for ref, (k, v, a) in list(self._calls.items()):
+                if k == "progress" and a not in halts:  # all its workers wait: nothing more to say
                     del self._calls[ref]
             while any(k != "ready" for k, _, _ in self._calls.values()):
                 item = self._wait(POLL + 1.0, kinds=("halt", "progress", "report", "begin"))
@@ -615,7 +638,7 @@ class RayRuntime(Runtime):
 
     def _reduce_server(self, r: int, tally: RoundTally, point_digest: str, sent_early: dict) -> Update:
         """Server aggregation: each worker's sum of its first b_w gradients, from the sum its
-        waiting report carried when the round consumes all of them, else by an upload call."""
+        reports carried when the round consumes exactly those, else by an upload call."""
         counts = tally.counts
         uploaders = tally.order  # workers in the order their first consumed gradient finished
         early = {w: sent_early[w] for w in uploaders

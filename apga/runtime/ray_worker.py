@@ -114,6 +114,7 @@ class Slot:
         self.timings: list = []  # (kind, seconds) measured (timings.csv), from index timings_base on
         self.timings_base = 0  # rows before it the driver has confirmed (and were dropped here)
         self.job_stop: threading.Event | None = None  # set -> abandon the trajectory in flight
+        self.sent = 0  # finished batches whose sum a report has carried (eager upload)
 
     def computing(self) -> bool:
         return (self.active and (self.limit is None or self.started < self.limit)
@@ -164,11 +165,12 @@ class Slot:
         # holding at its target (hold), nothing in flight, its quota not reached: extend() resumes it
         waiting = (current and self.host.hold and self.active and not busy
                    and (self.limit is None or self.started < self.limit))
-        # A waiting worker has nothing in flight: the round's upload rides on this report (the
-        # driver uses it if the round consumes all of this worker's gradients, else calls upload).
+        # The first report after a batch finished carries the sum of the round's gradients so far
+        # (server aggregation in real time): the driver uses it if the round consumes exactly
+        # these, else (or if this reply is lost) calls upload.
         upload = None
-        if waiting and self.host.eager and self.results:
-            upload = (merged(self.results), self.point_digest)
+        if current and self.host.eager and len(self.results) > self.sent:
+            upload, self.sent = (merged(self.results), self.point_digest), len(self.results)
         return {"round": self.round, "finishes": list(self.finishes) if current else [],
                 "horizon": self.horizon() if current else INF, "stamp": self.stamp,
                 "next_job": self.next_job, "busy": busy, "waiting": waiting, "completed": self.completed,
@@ -208,7 +210,7 @@ class WorkerActor:
         self.oracle = spec["oracle_factory"]()
         self.batch_max = max(1, int(spec.get("batch", 1)))  # jobs rolled out together at most
         self.hold = bool(spec.get("hold", False)) and not self.inject  # wait at the target (shared cores)
-        self.eager = self.hold and spec.get("aggregation") == "server"  # a waiting worker's report carries its sum
+        self.eager = not self.inject and spec.get("aggregation") == "server"  # reports carry sums (Slot.report)
         self.cv = threading.Condition()
         self.slots = {w: Slot(w, self) for w in sorted(workers)}
         self.closing = False
@@ -271,7 +273,7 @@ class WorkerActor:
         else:
             download = s.comm
         s.round, s.point, s.point_digest = r, np.asarray(point), digest(point)
-        s.results, s.finishes, s.started, s.next_job = [], [], 0, first_job
+        s.results, s.finishes, s.started, s.next_job, s.sent = [], [], 0, first_job, 0
         s.sample_round, s.round_wall, s.target = sample_round, round_wall, int(target)
         # A halt of this round may overtake its begin (call threads run concurrently).
         s.limit, s.origin, s.active = limit, origin, r > s.halted
@@ -298,42 +300,51 @@ class WorkerActor:
                 s.stamp += 1
                 self.cv.notify_all()
 
-    def progress(self, w: int, r: int, stamp: int | None, timeout: float, seen: int = 0) -> dict:
-        """Long poll: return once something changed for worker ``w`` since ``stamp`` (a gradient
-        finished, a job started with injected delays, the round halted or ended), or after
-        ``timeout`` seconds. ``stamp`` None: since the begin of round ``r`` (the driver's first
-        poll of a round then answers with the first news rather than with the begin itself, or
-        at once if the worker has nothing to compute). ``seen``: see :meth:`Slot.report`."""
+    def progress(self, r: int, since: dict, timeout: float, seen: dict) -> dict:
+        """Long poll about round ``r`` and the workers ``since`` names: return once one of them
+        has news since the stamp given for it (a gradient finished, a job started with injected
+        delays, the round halted or ended), or after ``timeout`` seconds, with every named
+        worker's report (``seen``: see :meth:`Slot.report`). One call per actor, not per worker:
+        the workers it hosts finish a rollout together and report in one reply. A stamp None
+        means since the begin of round ``r`` (the driver's first poll of a round then answers
+        with the first news rather than with the begin itself, or at once if the worker has
+        nothing to compute)."""
         deadline = time.monotonic() + timeout
         with self.cv:
-            s = self.slots[w]
             # A poll may overtake the begin of its round (call threads run concurrently): wait for it.
-            while not self.error and s.round <= r and (
-                    s.round < r or s.stamp <= (s.begin_stamp if stamp is None else stamp)):
-                if stamp is None and s.round == r and s.job_stop is None and not s.computing():
-                    break  # waiting from the start (target 0) or halted: no news will come
+            while not self.error and not any(self._news(w, r, stamp) for w, stamp in since.items()):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 self.cv.wait(left)
-            return s.report(r, seen)
+            return {w: self.slots[w].report(r, seen.get(w, 0)) for w in since}
 
-    def halt(self, w: int, r: int, seen: int = 0) -> dict:
-        """Worker ``w`` stops computing for round ``r``; its trajectories in flight are cancelled
-        (or let finish and discarded). A rollout shared with other hosted workers is cancelled
-        for all of them: the driver halts every worker of a round at once."""
+    def _news(self, w: int, r: int, stamp: int | None) -> bool:
+        s = self.slots[w]
+        if s.round != r:
+            return s.round > r  # a later round began (a poll that overtook its begin waits)
+        if s.stamp > (s.begin_stamp if stamp is None else stamp):
+            return True
+        # waiting from the start (target 0) or halted: no news will come
+        return stamp is None and s.job_stop is None and not s.computing()
+
+    def halt(self, r: int, workers: list[int], seen: dict) -> dict:
+        """``workers`` stop computing for round ``r``; their trajectories in flight are cancelled
+        (or let finish and discarded); their reports. A rollout shared by hosted workers is
+        cancelled for all of them: the driver halts every computing worker of a round at once."""
         with self.cv:
-            s = self.slots[w]
-            s.halted = max(s.halted, r)
-            if s.round == r and s.active:
-                s.active = False
-                # cancel: abandon the job in flight; cancel: false lets it finish, but a job still
-                # waiting for the round's download never starts (as in the simulator)
-                if s.job_stop is not None and (s.cancel or time.time() < s.not_before):
-                    s.job_stop.set()
-                s.stamp += 1
-                self.cv.notify_all()
-            return s.report(r, seen)
+            for w in workers:
+                s = self.slots[w]
+                s.halted = max(s.halted, r)
+                if s.round == r and s.active:
+                    s.active = False
+                    # cancel: abandon the job in flight; cancel: false lets it finish, but a job
+                    # still waiting for the round's download never starts (as in the simulator)
+                    if s.job_stop is not None and (s.cancel or time.time() < s.not_before):
+                        s.job_stop.set()
+                    s.stamp += 1
+            self.cv.notify_all()
+            return {w: self.slots[w].report(r, seen.get(w, 0)) for w in workers}
 
     def extend(self, w: int, r: int, extra: int) -> None:
         """Round ``r`` needs more: raise worker ``w``'s target by ``extra`` gradients."""
