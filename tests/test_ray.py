@@ -280,6 +280,46 @@ class TestLocal:
             rt.close()
             oracle.close()
 
+    def test_afedpg_workers_sharing_cores_roll_their_jobs_out_together(self):
+        """AFedPG, 4 workers on 2 CPUs: 2 actors host 2 workers each and roll their in-flight
+        jobs (each at its own point) out together; the driver still applies one gradient per
+        update, from every worker, and each is bit for bit the gradient of its job at the point
+        that job was sent."""
+        from collections import deque
+        cfg = config("afedpg", "server", n=4)
+        oracle = build_oracle(cfg)
+        rt = build_runtime(cfg, oracle)
+        sent = {w: deque() for w in range(4)}  # per worker: (job, point) in flight, oldest first
+        applied = []
+        real_dispatch, real_apply = rt._dispatch, rt.alg.apply
+
+        def dispatch(w):
+            sent[w].append((rt.next_job[w], rt.alg.current_point()[1].copy()))
+            real_dispatch(w)
+
+        def apply(batch, version):
+            applied.append(batch)
+            return real_apply(batch, version)
+
+        rt._dispatch, rt.alg.apply = dispatch, apply
+        try:
+            rt.start()
+            pids = rt.worker_pids()
+            assert pids[0] == pids[1] != pids[2] == pids[3]
+            senders = []
+            for it in range(12):
+                ev = rt.step()
+                w = ev.worker
+                assert ev.counts == [int(i == w) for i in range(4)] and ev.update.used == 1
+                job, point = sent[w].popleft()
+                expected = oracle.gradients(point, [(w, job)])[w]
+                np.testing.assert_array_equal(applied[-1].grad_sum, expected.grad_sum)
+                senders.append(w)
+            assert set(senders) == {0, 1, 2, 3} and rt.totals.trajectories == 12
+        finally:
+            rt.close()
+            oracle.close()
+
     def test_trainer_runs_afedpg_and_checkpoints_on_ray(self, tmp_path, capfd):
         """apga.run.train with runtime: ray and AFedPG: one gradient per update, one vector each way,
         metrics on the wall clock, a checkpoint whose runtime loads without Ray."""

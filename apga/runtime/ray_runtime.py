@@ -127,8 +127,8 @@ def round_targets(protocol, live: list[bool], last: list[int] | None, cap: int =
 
 
 def host_groups(n: int, cpus: float, share: bool) -> list[list[int]]:
-    """The workers each actor hosts: one each, or, with ``share`` (real time, a round protocol)
-    and more workers than whole CPUs, one actor per CPU hosting a contiguous block of workers
+    """The workers each actor hosts: one each, or, with ``share`` (real time) and more workers
+    than whole CPUs, one actor per CPU hosting a contiguous block of workers
     (sizes differ by at most one, the larger first)."""
     actors = max(1, int(cpus))
     if not share or n <= actors:
@@ -226,10 +226,10 @@ class RayRuntime(Runtime):
             atexit.register(self._session.close)
         try:
             cpus = float(ray.cluster_resources().get("CPU", 1.0))
-            # Workers that share cores share actors (real time, rounds: their trajectories roll
-            # out as one batch) and wait at their round's targets (ray_worker).
+            # Workers that share cores share actors (real time: their trajectories roll out as
+            # one batch) and wait at their round's targets (ray_worker).
             shared = self.n > cpus
-            self._groups = host_groups(self.n, cpus, not self.inject and self.alg.schedule == "rounds")
+            self._groups = host_groups(self.n, cpus, not self.inject)
             self._host_of = [a for a, group in enumerate(self._groups) for _ in group]
             per_actor = math.floor(min(1.0, cpus / len(self._groups)) * 1e4) / 1e4  # Ray's resource granularity
             spec = {"n": self.n, "times": self.times, "inject": self.inject, "cancel": self.cancel,
@@ -429,17 +429,24 @@ class RayRuntime(Runtime):
             return sent[0].count + sent[0].rejected
         self._calls = {ref: c for ref, c in self._calls.items() if c[0] == "ready"}
 
-        def poll(a: int, kind: str = "progress", fresh: tuple = ()) -> None:
-            """Poll actor ``a`` about its live workers (``fresh``: those whose round just began)."""
+        def poll(a: int, kind: str = "progress", begins: list[tuple] | None = None) -> None:
+            """Poll actor ``a`` about its live workers; with ``begins``, begin their round first
+            (one call)."""
             timeout = POLL if kind == "progress" else 0.0  # "report": answer at once
+            fresh = {b[0] for b in begins or ()}
             # The first poll of a round: in real time, wait for the first news (a finished batch:
             # the begin itself says nothing); with injected delays answer at once, since the
             # worker's horizon (the nominal finish of its job in flight) lets the round stop.
             since = {w: None if w in fresh and not self.inject else stamps[w]
                      for w in self._groups[a] if w in self._alive}
-            if since:
-                seen = {w: self._timings_seen[w] for w in since}
-                self._call(kind, None, self._actors[a].progress.remote(r, since, timeout, seen), a)
+            seen = {w: self._timings_seen[w] for w in since}
+            if begins:
+                ref = self._actors[a].begin_all.remote(begins, since, timeout, seen)
+            elif since:
+                ref = self._actors[a].progress.remote(r, since, timeout, seen)
+            else:
+                return
+            self._call(kind, None, ref, a)
 
         def begin(workers: list[int], late: bool = False) -> None:
             """Begin the round on ``workers``: one call per actor, so that the workers it hosts
@@ -454,8 +461,7 @@ class RayRuntime(Runtime):
                 if server:
                     self.totals.vector_comms += 1  # the download of the point
             for a, begins in by_actor.items():
-                self._call("begin", None, self._actors[a].begin_all.remote(begins), a)
-                poll(a, fresh=tuple(b[0] for b in begins))
+                poll(a, begins=begins)
 
         def decide() -> tuple[RoundTally, float]:
             """The consumption rule over every finish that is certain (before all horizons)."""
@@ -565,7 +571,7 @@ class RayRuntime(Runtime):
                 if item is not None:
                     handle(item)
             t_stop = self._now()
-            # -- stop: halt everyone, drain the polls (restarted workers rejoin next round) ---
+            # -- stop: halt the computing workers (restarted workers rejoin next round) ---
             halting = True
             halts: dict[int, list[int]] = {}
             for w in sorted(self._alive):
@@ -574,11 +580,14 @@ class RayRuntime(Runtime):
             for a, ws in halts.items():
                 seen = {w: self._timings_seen[w] for w in ws}
                 self._call("halt", None, self._actors[a].halt.remote(r, ws, seen), a)
-            for ref, (k, v, a) in list(self._calls.items()):
-                if k == "progress" and a not in halts:  # all its workers wait: nothing more to say
+            # The halts' replies say all that is left to know (job counters final: a halted
+            # worker starts nothing more); the polls still open would only repeat it, and the
+            # reports carry running totals, so dropping them loses nothing.
+            for ref, (k, _, _) in list(self._calls.items()):
+                if k in ("progress", "report"):
                     del self._calls[ref]
-            while any(k != "ready" for k, _, _ in self._calls.values()):
-                item = self._wait(POLL + 1.0, kinds=("halt", "progress", "report", "begin"))
+            while any(k == "halt" for k, _, _ in self._calls.values()):
+                item = self._wait(POLL + 1.0, kinds=("halt",))
                 if item is not None:
                     handle(item)
             halting = False

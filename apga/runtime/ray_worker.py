@@ -2,9 +2,11 @@
 round sum, reduces.
 
 One actor process *hosts* one apga worker, or several when the workers share cores (more workers
-than CPUs, real time, round protocols: apga.runtime.ray_runtime.host_groups): each hosted worker
-keeps its own state (a :class:`Slot`: round, counters, finish times, sums), and the driver
-addresses every call to one worker ``w`` of the actor. It is a *threaded* actor: one background
+than CPUs, real time: apga.runtime.ray_runtime.host_groups): each hosted worker keeps its own
+state (a :class:`Slot`: round, counters, finish times, sums), and the driver addresses every
+call about a worker to its actor, with the worker's index (polls and halts name several
+workers; one reply reports them all). Per-gradient protocols (AFedPG): each hosted worker has
+one job in flight, at its own point, and the actor rolls these jobs out together. It is a *threaded* actor: one background
 compute thread rolls out the trajectories of all its workers, while the driver's calls (begin a
 round, wait for progress, halt, upload, AllReduce, ...) are served by Ray's call threads. It never
 names a method: what it computes and how it reduces come from the protocol
@@ -65,6 +67,7 @@ from apga.protocol.base import Reduction
 from apga.rng import round_sample
 
 INF = float("inf")
+GATHER = 0.02  # seconds a hosted worker's per-gradient job waits at most for the others' (to batch)
 
 
 def digest(x: np.ndarray) -> str:
@@ -78,6 +81,16 @@ def _interface_of(ip: str) -> str | None:
         if any(a.address == ip for a in addrs if a.family in (socket.AF_INET, socket.AF_INET6)):
             return name
     return None
+
+
+class JobRequest:
+    """A per-gradient job waiting in a hosting actor: worker, point, job index; then its result."""
+
+    def __init__(self, w: int, point: np.ndarray, job: int):
+        self.w, self.point, self.job, self.since = w, point, job, time.monotonic()
+        self.done = threading.Event()
+        self.result: tuple | None = None  # (gradient, timings), None if never computed
+        self.error = ""
 
 
 class Slot:
@@ -213,6 +226,7 @@ class WorkerActor:
         self.eager = not self.inject and spec.get("aggregation") == "server"  # reports carry sums (Slot.report)
         self.cv = threading.Condition()
         self.slots = {w: Slot(w, self) for w in sorted(workers)}
+        self.requests: list[JobRequest] = []  # per-gradient jobs of hosted workers, waiting to roll out
         self.closing = False
         self.error = ""  # a failed job (reported to the driver by the next call)
         self.protocol = None  # AllReduce mode: this actor's copy of the protocol
@@ -250,13 +264,18 @@ class WorkerActor:
         ``target``: the gradients expected of this worker in the round (see the module docstring)."""
         self.begin_all([(w, r, point, first_job, limit, origin, cancel, sample_round, round_wall, late, target)])
 
-    def begin_all(self, begins: list[tuple]) -> None:
+    def begin_all(self, begins: list[tuple], since: dict | None = None, timeout: float = 0.0,
+                  seen: dict | None = None) -> dict | None:
         """Several :meth:`begin` calls (argument tuples) at once: the compute thread sees all of
-        them together, so their first jobs form one rollout."""
+        them together, so their first jobs form one rollout. With ``since``, the call goes on
+        as the round's first :meth:`progress` poll (one message instead of two)."""
         with self.cv:
             for args in begins:
                 self._begin(*args)
             self.cv.notify_all()
+        if since is not None:
+            return self.progress(begins[0][1], since, timeout, seen or {})
+        return None
 
     def _begin(self, w: int, r: int, point, first_job: int, limit: int | None, origin: float, cancel: bool,
                sample_round: int | None, round_wall: float, late: bool = False, target: int = 0) -> None:
@@ -464,7 +483,19 @@ class WorkerActor:
     def gradient_job(self, w: int, point: np.ndarray, job: int, origin: float) -> tuple[WorkerBatch, list] | None:
         """One gradient of worker ``w`` at ``point`` (after the injected download, before the
         injected upload), with the measured (kind, seconds) of its download, computation and
-        upload."""
+        upload. An actor hosting several workers rolls their jobs out together, each at its own
+        point (:meth:`_serve_jobs`)."""
+        if len(self.slots) > 1:
+            job_request = JobRequest(w, np.asarray(point), job)
+            with self.cv:
+                if self.closing:
+                    return None
+                self.requests.append(job_request)
+                self.cv.notify_all()
+            job_request.done.wait()
+            if job_request.error:
+                raise RuntimeError(job_request.error)
+            return job_request.result
         stop = threading.Event()
         with self.cv:
             s = self.slots[w]
@@ -501,33 +532,64 @@ class WorkerActor:
                 room -= k
         return plan
 
+    def _jobs_due(self) -> bool:
+        """Per-gradient jobs to roll out: one of every hosted worker (each has one in flight), or
+        whatever has waited ``GATHER`` seconds for the others."""
+        return bool(self.requests) and (len(self.requests) >= len(self.slots)
+                                        or time.monotonic() - self.requests[0].since >= GATHER)
+
+    def _serve_jobs(self) -> None:
+        """Roll the waiting per-gradient jobs out together (one oracle call, each job at its own
+        point: bit-identical to one call each) and hand every caller its gradient."""
+        with self.cv:
+            batch, self.requests = self.requests, []
+        start = time.time()
+        try:
+            outs = self.oracle.gradients_many([(q.point, [(q.w, q.job)]) for q in batch])
+            share = (time.time() - start) / len(batch)  # one row per trajectory: the rollout's time, shared
+            for q, out in zip(batch, outs):
+                q.result = (out[q.w], [("compute", share)])
+        except Exception as exc:  # a bug or a broken env: every caller reports it
+            for q in batch:
+                q.error = f"job ({q.w}, {q.job}) failed: {type(exc).__name__}: {exc}"
+        for q in batch:
+            q.done.set()
+
     def _compute_loop(self) -> None:
         while True:
             with self.cv:
-                while not self.closing and not any(s.computing() for s in self.slots.values()):
-                    self.cv.wait()
+                while (not self.closing and not self._jobs_due()
+                       and not any(s.computing() for s in self.slots.values())):
+                    self.cv.wait(GATHER if self.requests else None)
                 if self.closing:
+                    for q in self.requests:  # not computed: the runtime is closing
+                        q.done.set()
                     return
-                plan = self._plan()
-                lead = plan[0][0]
-                rounds = [s.round for s, _, _ in plan]
-                stop = threading.Event()
-                for s, _, _ in plan:
-                    s.job_stop = stop
-                start_wall = max(time.time(), max(s.not_before for s, _, _ in plan))
-                target = start_wall
-                if self.inject:
-                    # Nominal times as in the simulator: begin + exact sum of the durations.
-                    duration = self.times.compute(lead.w, plan[0][1][0], start_wall - lead.origin)
-                    lead.elapsed += Fraction(duration)
-                    lead.inflight_finish = lead.nominal_begin + float(lead.elapsed)
-                    target = start_wall + duration
-                    lead.busy_until = target
-                    lead.stamp += 1
-                    self.cv.notify_all()
-                wait = max(s.not_before for s, _, _ in plan) - time.time()
-                point = lead.point
-                jobs = [(s.w, key) for s, _, keys in plan for key in keys]
+                serve = self._jobs_due()
+                if not serve:
+                    plan = self._plan()
+                    lead = plan[0][0]
+                    rounds = [s.round for s, _, _ in plan]
+                    stop = threading.Event()
+                    for s, _, _ in plan:
+                        s.job_stop = stop
+                    start_wall = max(time.time(), max(s.not_before for s, _, _ in plan))
+                    target = start_wall
+                    if self.inject:
+                        # Nominal times as in the simulator: begin + exact sum of the durations.
+                        duration = self.times.compute(lead.w, plan[0][1][0], start_wall - lead.origin)
+                        lead.elapsed += Fraction(duration)
+                        lead.inflight_finish = lead.nominal_begin + float(lead.elapsed)
+                        target = start_wall + duration
+                        lead.busy_until = target
+                        lead.stamp += 1
+                        self.cv.notify_all()
+                    wait = max(s.not_before for s, _, _ in plan) - time.time()
+                    point = lead.point
+                    jobs = [(s.w, key) for s, _, keys in plan for key in keys]
+            if serve:
+                self._serve_jobs()
+                continue
             out = None
             try:
                 if wait <= 0 or not stop.wait(wait):  # injected download of the round's point
