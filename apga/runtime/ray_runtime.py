@@ -487,7 +487,7 @@ class RayRuntime(Runtime):
                 return
             again = False
             for v, report in out.items():
-                again |= take(v, report) and kind == "progress" and not halting
+                again |= take(v, report) and kind == "progress"
             if again:
                 keep_polling(a)
 
@@ -557,7 +557,7 @@ class RayRuntime(Runtime):
                 keep_polling(a)
 
         begin(sorted(self._alive))
-        halting, failures = False, 0
+        failures = 0
         while True:
             # -- computing: finish times only ----------------------------------------------
             while True:
@@ -572,7 +572,6 @@ class RayRuntime(Runtime):
                     handle(item)
             t_stop = self._now()
             # -- stop: halt the computing workers (restarted workers rejoin next round) ---
-            halting = True
             halts: dict[int, list[int]] = {}
             for w in sorted(self._alive):
                 if not waiting[w]:  # a waiting worker has nothing in flight and starts nothing
@@ -581,20 +580,13 @@ class RayRuntime(Runtime):
                 seen = {w: self._timings_seen[w] for w in ws}
                 self._call("halt", None, self._actors[a].halt.remote(r, ws, seen), a)
             # The halts' replies say all that is left to know (job counters final: a halted
-            # worker starts nothing more); the polls still open would only repeat it, and the
-            # reports carry running totals, so dropping them loses nothing.
+            # worker starts nothing more), and are taken after the reduction, which needs none
+            # of them (the consumed gradients are decided), so the two overlap. The polls still
+            # open would only repeat it; reports carry running totals, so dropping them loses
+            # nothing.
             for ref, (k, _, _) in list(self._calls.items()):
                 if k in ("progress", "report"):
                     del self._calls[ref]
-            while any(k == "halt" for k, _, _ in self._calls.values()):
-                item = self._wait(POLL + 1.0, kinds=("halt",))
-                if item is not None:
-                    handle(item)
-            halting = False
-            tally, _ = decide()
-            if not tally.done:  # a worker died while halting: the round goes on
-                resume()
-                continue
             # -- one reduction ---------------------------------------------------------------
             try:
                 if server:
@@ -611,6 +603,10 @@ class RayRuntime(Runtime):
                     resume()
                 continue
             break
+        while any(k == "halt" for k, _, _ in self._calls.values()):
+            item = self._wait(POLL + 1.0, kinds=("halt",))
+            if item is not None:
+                handle(item)
         self.clock = self._now()
         self._last_counts = list(tally.counts)
         self.count(update)
