@@ -135,9 +135,15 @@ def quiet(limit: float = 0.1, most: float = 30.0) -> None:
             return
 
 
+def steps_per_s(result: dict) -> float:
+    return result["env_steps"] / result["wall"]
+
+
 def equal_cores(args) -> list[dict]:
     """Env steps of used trajectories per wall second, simulator (processes = cores) vs Ray
-    (a local instance with that many CPUs), for every setting of the matrix."""
+    (a local instance with that many CPUs), for every setting of the matrix; ``--repeats`` pairs
+    per setting, the pair's two runs back to back (Ray first in odd pairs, the simulator first
+    in even ones), and the ratio of each pair."""
     cores = args.cores
     rows = []
     session = ray_session.start_local(num_cpus=cores)
@@ -148,33 +154,41 @@ def equal_cores(args) -> list[dict]:
                     # the same trajectories for every method: --rounds rounds of M, or M x --rounds updates
                     updates = args.rounds * (1 if method == "rennala_nigt" else args.batch)
                     row = {"env": env, "horizon": horizon, "n": n, "method": method, "aggregation": aggregation,
-                           "updates": updates}
-                    for runtime in ("ray", "sim"):
-                        cfg = matrix_cfg(env, horizon, n, method, aggregation, runtime, updates + 1, cores, args)
-                        quiet()
-                        row[runtime] = run(cfg, updates + 1, warmup=1)
+                           "updates": updates, "pairs": []}
+                    for k in range(args.repeats):
+                        pair = {}
+                        for runtime in ("ray", "sim") if k % 2 == 0 else ("sim", "ray"):
+                            cfg = matrix_cfg(env, horizon, n, method, aggregation, runtime, updates + 1, cores, args)
+                            quiet()
+                            pair[runtime] = run(cfg, updates + 1, warmup=1)
+                        row["pairs"].append(pair)
+                        print(f"  {env} n={n} {method}/{aggregation}: Ray {steps_per_s(pair['ray']):.0f}, "
+                              f"simulator {steps_per_s(pair['sim']):.0f} steps/s", flush=True)
                     rows.append(row)
-                    print(f"  {env} n={n} {method}/{aggregation}: Ray {row['ray']['env_steps'] / row['ray']['wall']:.0f}, "
-                          f"simulator {row['sim']['env_steps'] / row['sim']['wall']:.0f} steps/s", flush=True)
     finally:
         session.close()
     print(f"\nequal cores ({cores}): env steps of used trajectories per wall second "
-          "(first update not counted)")
-    print(f" {'env':<11} {'n':>3} {'method':<22} {'simulator':>10} {'Ray':>9} {'Ray/sim':>8} "
+          f"(first update not counted; medians of {args.repeats} pair(s))")
+    print(f" {'env':<11} {'n':>3} {'method':<22} {'simulator':>10} {'Ray':>9} {'Ray/sim':>8} {'(min, max)':>13} "
           f"{'computed':>9} {'used':>6} {'wasted':>7} {'sim wasted':>11}")
     out = []
     for row in rows:
-        sim, ray = row["sim"], row["ray"]
-        sim_sps, ray_sps = sim["env_steps"] / sim["wall"], ray["env_steps"] / ray["wall"]
-        wasted = ray["computed"] - ray["used"]
+        pairs = row["pairs"]
+        ratios = [steps_per_s(p["ray"]) / steps_per_s(p["sim"]) for p in pairs]
+        sim_sps = statistics.median(steps_per_s(p["sim"]) for p in pairs)
+        ray_sps = statistics.median(steps_per_s(p["ray"]) for p in pairs)
+        computed, used = (sum(p["ray"][key] for p in pairs) for key in ("computed", "used"))
+        sim_wasted = sum(p["sim"]["computed"] - p["sim"]["used"] for p in pairs)
         name = f"{row['method']}/{row['aggregation']}" if row["method"] == "rennala_nigt" else row["method"]
-        print(f" {row['env']:<11} {row['n']:>3} {name:<22} {sim_sps:>10.0f} {ray_sps:>9.0f} {ray_sps / sim_sps:>8.2f} "
-              f"{ray['computed']:>9} {ray['used']:>6} {wasted:>7} {sim['computed'] - sim['used']:>11}")
+        spread = f"({min(ratios):.2f}, {max(ratios):.2f})" if len(ratios) > 1 else ""
+        print(f" {row['env']:<11} {row['n']:>3} {name:<22} {sim_sps:>10.0f} {ray_sps:>9.0f} "
+              f"{statistics.median(ratios):>8.2f} {spread:>13} {computed:>9} {used:>6} {computed - used:>7} "
+              f"{sim_wasted:>11}")
         out.append({"env": row["env"], "horizon": row["horizon"], "n": row["n"], "method": row["method"],
                     "aggregation": row["aggregation"], "updates": row["updates"], "sim_steps_per_s": sim_sps,
-                    "ray_steps_per_s": ray_sps, "ratio": ray_sps / sim_sps, "ray_computed": ray["computed"],
-                    "ray_used": ray["used"], "ray_wasted": wasted, "sim_computed": sim["computed"],
-                    "sim_used": sim["used"]})
+                    "ray_steps_per_s": ray_sps, "ratio": statistics.median(ratios), "ratios": ratios,
+                    "ray_computed": computed, "ray_used": used, "ray_wasted": computed - used,
+                    "sim_wasted": sim_wasted})
     try:
         load = os.getloadavg()
         print(f" machine: {os.cpu_count()} cores, load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}")
@@ -199,7 +213,11 @@ def main() -> None:
                    help="only the equal-core throughput matrix (simulator vs Ray, side by side)")
     p.add_argument("--cores", type=int, default=os.cpu_count() or 1,
                    help="--equal-cores: simulator processes and Ray CPUs (default: this machine's cores)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="--equal-cores: pairs of runs per setting (the ratio is their median; try 3)")
     args = p.parse_args()
+    if args.repeats < 1:
+        p.error(f"--repeats must be >= 1, got {args.repeats}")
     if args.equal_cores:
         rows = equal_cores(args)
         if args.json:
