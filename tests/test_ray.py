@@ -223,8 +223,8 @@ class TestLocal:
             kill_mid_round(monkeypatch, rt, rt.worker_pids()[3])
             ev = rt.step()  # holding workers with nobody to extend them would hang here
             assert sum(ev.counts) >= 8 and ev.update.used + ev.update.rejected == sum(ev.counts)
-            if ev.counts[3] == 0:  # the targets 2 + 2 + 2 fell short: extended
-                assert sum(ev.counts[:3]) >= 8 and max(ev.counts) >= 3
+            if ev.counts[3] == 0:  # the other targets (2 each) fell short of 8: someone was extended
+                assert max(ev.counts) >= 3
             deadline = time.monotonic() + 120  # only catches a hang
             while rt.restarts == 0:
                 assert sum(rt.step().counts) >= 8

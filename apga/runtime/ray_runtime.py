@@ -10,19 +10,22 @@ Round protocols (schedule "rounds"), one :meth:`step` = one round:
 
 1. server aggregation: the round's point is put in the object store once and every worker gets
    the reference; AllReduce aggregation: nothing is sent, every worker takes the round's point
-   from its own copy of the protocol;
-2. workers compute one trajectory after another at that point (up to the protocol's quota), job
-   indices continuing their own counters (kept by the driver); the only traffic is a long poll
-   per worker reporting the finish times of its gradients and its horizon (no earlier finish is
-   still unreported); the driver merges them and applies the protocol's consumption rule
-   (``RoundTally``: finishing order, ties at the stop included), the same code the simulator runs;
-3. once the stop is certain, every worker halts (the trajectory in flight is cancelled within
-   one env step, or finishes and is discarded with ``cancel: false``) and the round consumes, of
-   each worker, its first b_i gradients;
-4. one reduction: each worker with b_i > 0 uploads its contribution and the driver calls
-   ``finish_round`` (server), or the workers run one gloo AllReduce among themselves and each
-   finishes the round on its own protocol copy; the driver takes the new state from rank 0 and
-   checks that every rank holds the same bits (AllReduce).
+   from its actor's copy of the protocol;
+2. workers compute trajectories at that point (in batches up to their round targets, up to the
+   protocol's quota), job indices continuing their own counters (kept by the driver); the
+   traffic is a long poll per actor reporting, for each worker it hosts, the finish times of
+   its gradients and its horizon (no earlier finish is still unreported), and in real time with
+   server aggregation its sum so far; the driver merges them and applies the protocol's
+   consumption rule (``RoundTally``: finishing order, ties at the stop included), the same code
+   the simulator runs;
+3. once the stop is certain, the computing workers are halted (the trajectory in flight is
+   cancelled within one env step, or finishes and is discarded with ``cancel: false``) and the
+   round consumes, of each worker, its first b_i gradients;
+4. one reduction, while the halts travel: each worker with b_i > 0 contributes its sum (from a
+   report, or by an upload call) and the driver calls ``finish_round`` (server), or the actors
+   run one gloo AllReduce among themselves (one rank each) and each finishes the round on its
+   own protocol copy; the driver takes the new state from rank 0 and checks that every rank
+   holds the same bits (AllReduce).
 
 Per-gradient protocols (schedule "per_gradient"), one :meth:`step` = one gradient: each worker
 always has one job in flight at the point it was handed; the first to arrive is applied at once
@@ -255,7 +258,8 @@ class RayRuntime(Runtime):
             except ray.exceptions.RayActorError as exc:
                 raise ApgaError(f"runtime: a worker actor failed to start: {str(exc).splitlines()[0]}") from None
             self._alive = set(range(self.n))
-            # what each worker's reports have brought so far (their totals start at 0 with every actor)
+            # what each worker's reports have brought so far, per actor incarnation
+            self._incarnation: list[str | None] = [None] * self.n
             self._completed_seen, self._timings_seen = [0] * self.n, [0] * self.n
             if self.aggregation == "allreduce":
                 ray.get([a.set_protocol.remote(self.alg) for a in self._actors])
@@ -289,17 +293,25 @@ class RayRuntime(Runtime):
         """The handle of the actor that hosts worker ``w`` (calls about ``w`` take it first)."""
         return self._actors[self._host_of[w]]
 
-    def _tally_reported(self, w: int, out: dict) -> None:
+    def _tally_reported(self, w: int, out: dict, version: int) -> None:
         """Take a report's running totals (completed trajectories, timing rows) into the run's:
-        only what no earlier reply brought, whatever order replies arrive in."""
+        only what no earlier reply brought, whatever order replies arrive in. Totals count from
+        0 in every actor incarnation (a restart: a new token)."""
+        if out["incarnation"] != self._incarnation[w]:
+            self._incarnation[w], self._completed_seen[w], self._timings_seen[w] = out["incarnation"], 0, 0
         done, (base, rows) = out["completed"], out["timings"]
         self.totals.trajectories_computed += max(0, done - self._completed_seen[w])
         self._completed_seen[w] = max(self._completed_seen[w], done)
-        self._measured(w, rows[max(0, self._timings_seen[w] - base):])
+        self._measured(w, rows[max(0, self._timings_seen[w] - base):], version)
         self._timings_seen[w] = max(self._timings_seen[w], base + len(rows))
 
-    def _measured(self, w: int, timings) -> None:
-        self.timings.extend((kind, w, self.alg.version, seconds) for kind, seconds in timings)
+    def _seen(self, workers) -> dict:
+        """What the driver has of each worker's timing rows, for the actor to drop: (incarnation, rows)."""
+        return {w: (self._incarnation[w], self._timings_seen[w]) for w in workers}
+
+    def _measured(self, w: int, timings, version: int | None = None) -> None:
+        version = self.alg.version if version is None else version
+        self.timings.extend((kind, w, version, seconds) for kind, seconds in timings)
 
     def drain_timings(self) -> list:
         out, self.timings = self.timings, []
@@ -342,35 +354,36 @@ class RayRuntime(Runtime):
         try:
             return kind, w, extra, ray.get(ref), None
         except ray.exceptions.RayActorError as exc:
-            for v in [w] if w is not None else self._groups[extra]:
-                self._lost(v, kind, exc)
+            self._lost(w if w is not None else self._groups[extra][0], kind, exc)
             return kind, w, extra, None, exc
         except ray.exceptions.RayTaskError as exc:
             who = f"worker {w}" if w is not None else f"the actor of workers {self._groups[extra]}"
             raise ApgaError(f"{who} failed in {kind}: {_first_line(exc)}") from exc
 
     def _lost(self, w: int, kind: str, exc) -> None:
-        """A call to worker w failed because its actor died. Mark it lost and probe it: the probe
-        (an ``info`` call) is served once Ray has restarted the actor, or fails for good."""
+        """A call about worker w failed because its actor died: every worker that actor hosts is
+        lost. Mark them lost and probe each: a probe (an ``info`` call) is served once Ray has
+        restarted the actor, or fails for good."""
         ray = _ray()
         if kind == "ready" and isinstance(exc, ray.exceptions.ActorDiedError):
             self._gone.add(w)
             log.warning("worker %d is dead for good (restarts exhausted or node gone)", w)
             return
-        if w in self._alive:
-            log.warning("worker %d lost (%s); waiting for its restart", w, type(exc).__name__)
-            self._alive.discard(w)
-            self._dead_since[w] = time.monotonic()
-            self._group = None  # the process group must be rebuilt
-            for ref, (k, v, a) in list(self._calls.items()):
-                if v == w or (v is None and a == self._host_of[w]):  # its actor's calls too
-                    del self._calls[ref]
-        if w not in self._gone and not any(k == "ready" and v == w for k, v, _ in self._calls.values()):
-            self._call("ready", w, self._host(w).info.remote(w))
+        actor = self._host_of[w]
+        for v in self._groups[actor]:
+            if v in self._alive:
+                log.warning("worker %d lost (%s); waiting for its restart", v, type(exc).__name__)
+                self._alive.discard(v)
+                self._dead_since[v] = time.monotonic()
+                self._group = None  # the process group must be rebuilt
+            if v not in self._gone and not any(k == "ready" and u == v for k, u, _ in self._calls.values()):
+                self._call("ready", v, self._host(v).info.remote(v))
+        for ref, (k, v, a) in list(self._calls.items()):  # its calls, but the probes just made
+            if k != "ready" and (v in self._groups[actor] or (v is None and a == actor)):
+                del self._calls[ref]
 
     def _back(self, w: int, info: dict) -> None:
         self._alive.add(w)
-        self._completed_seen[w] = self._timings_seen[w] = 0  # a restarted actor counts from 0
         self._dead_since.pop(w, None)
         self._group = None
         self.restarts += 1
@@ -417,6 +430,7 @@ class RayRuntime(Runtime):
                    or round_targets(alg, [True] * n, last) or [0] * n)
         # runtime.streams: round keys trajectories by (update, index in round), as the simulator
         sample_round = alg.version if self.cfg.runtime.streams == "round" else None
+        version = alg.version  # the update the round's measured rows belong to
         t_start, restarts0, round_wall = self._now(), self.restarts, time.time()
         finishes: list[list[float]] = [[] for _ in range(n)]  # reported finish times, job order
         horizon = [-INF] * n  # every finish before it is reported (per worker)
@@ -439,7 +453,7 @@ class RayRuntime(Runtime):
             # worker's horizon (the nominal finish of its job in flight) lets the round stop.
             since = {w: None if w in fresh and not self.inject else stamps[w]
                      for w in self._groups[a] if w in self._alive}
-            seen = {w: self._timings_seen[w] for w in since}
+            seen = self._seen(since)
             if begins:
                 ref = self._actors[a].begin_all.remote(begins, since, timeout, seen)
             elif since:
@@ -494,7 +508,7 @@ class RayRuntime(Runtime):
         def take(w: int, out: dict) -> bool:
             """One worker's report; True if its actor should stay polled for it."""
             self.next_job[w] = max(self.next_job[w], out["next_job"])
-            self._tally_reported(w, out)
+            self._tally_reported(w, out, version)
             if out["round"] < r:
                 return True  # answered before the round's begin reached the worker: ask again
             if out["round"] != r or w not in self._alive:
@@ -556,6 +570,12 @@ class RayRuntime(Runtime):
             for a in sorted({self._host_of[w] for w in self._alive}):
                 keep_polling(a)
 
+        def take_halts() -> None:
+            while any(k == "halt" for k, _, _ in self._calls.values()):
+                item = self._wait(POLL + 1.0, kinds=("halt",))
+                if item is not None:
+                    handle(item)
+
         begin(sorted(self._alive))
         failures = 0
         while True:
@@ -577,8 +597,7 @@ class RayRuntime(Runtime):
                 if not waiting[w]:  # a waiting worker has nothing in flight and starts nothing
                     halts.setdefault(self._host_of[w], []).append(w)
             for a, ws in halts.items():
-                seen = {w: self._timings_seen[w] for w in ws}
-                self._call("halt", None, self._actors[a].halt.remote(r, ws, seen), a)
+                self._call("halt", None, self._actors[a].halt.remote(r, ws, self._seen(ws)), a)
             # The halts' replies say all that is left to know (job counters final: a halted
             # worker starts nothing more), and are taken after the reduction, which needs none
             # of them (the consumed gradients are decided), so the two overlap. The polls still
@@ -599,14 +618,12 @@ class RayRuntime(Runtime):
                     raise ApgaError(f"runtime: the reduction of round {r} keeps failing ({lost})") from None
                 for w in lost.workers:
                     finishes[w] = []
+                take_halts()  # so that a poll after the resume waits for news past the halt
                 if not decide()[0].done:
                     resume()
                 continue
             break
-        while any(k == "halt" for k, _, _ in self._calls.values()):
-            item = self._wait(POLL + 1.0, kinds=("halt",))
-            if item is not None:
-                handle(item)
+        take_halts()
         self.clock = self._now()
         self._last_counts = list(tally.counts)
         self.count(update)
@@ -627,13 +644,14 @@ class RayRuntime(Runtime):
                     results[w] = TimeoutError(f"worker {w}: no answer within {timeout:g} s")
                 break
             w = pending.pop(ready[0])
-            self._ready_at[w] = time.time()
+            if not per_actor:
+                self._ready_at[w] = time.time()
             try:
                 results[w] = ray.get(ready[0])
             except ray.exceptions.RayActorError as exc:
-                for v in self._groups[w] if per_actor else [w]:
-                    lost.append(v)
-                    self._lost(v, "reduce", exc)
+                v = self._groups[w][0] if per_actor else w
+                self._lost(v, "reduce", exc)
+                lost.extend(u for u in self._groups[self._host_of[v]] if u not in lost)
             except ray.exceptions.RayTaskError as exc:
                 if self.aggregation == "allreduce":  # gloo error: a peer of this collective died?
                     results[w] = exc
@@ -676,8 +694,7 @@ class RayRuntime(Runtime):
         try:
             ip, port = ray.get(self._actors[members[0]].open_store.remote(epoch), timeout=timeout)
         except ray.exceptions.RayActorError as exc:
-            for w in self._groups[members[0]]:
-                self._lost(w, "reduce", exc)
+            self._lost(self._groups[members[0]][0], "reduce", exc)
             raise _Lost(self._groups[members[0]]) from None
         calls = {self._actors[a].join_group.remote(epoch, rank, len(members), ip, port, timeout): a
                  for rank, a in enumerate(members)}
@@ -706,7 +723,7 @@ class RayRuntime(Runtime):
             self._group = None
             if not lost and len(failed) == len(members):
                 a, exc = next(iter(failed.items()))
-                log.warning("AllReduce of round %d failed on every worker (%s); retrying", r, _first_line(exc))
+                log.warning("AllReduce of round %d failed on every actor (%s); retrying", r, _first_line(exc))
             raise _Lost(lost)  # survivors keep their sums; the round resumes or retries
         for a, out in results.items():
             for w, pdig in out["point_digests"].items():

@@ -32,9 +32,11 @@ or the driver extends its target (:meth:`extend`: when every worker is waiting a
 still needs gradients, e.g. after a worker was lost). With injected delays every job is one
 trajectory with its own nominal duration, as in the simulator, and no worker holds.
 
-During a round only scalars travel: :meth:`progress` is a long poll that returns the finish
-times of the round's gradients so far and a *horizon*: every gradient of this worker that
-finishes before the horizon has been reported. The driver merges the workers' finish times and
+During a round, :meth:`progress` is a long poll (one per actor, naming its workers) that
+returns, per worker, the finish times of the round's gradients so far and a *horizon*: every
+gradient of this worker that finishes before the horizon has been reported (in real time with
+server aggregation, the first report after a finished batch also carries the worker's sum so
+far, see :meth:`Slot.report`). The driver merges the workers' finish times and
 applies the protocol's consumption rule (``RoundTally``) in finishing order, exactly as the
 simulator does. Finish times are round-relative: with ``runtime.inject_delays`` they are the
 time model's nominal times (begin + sum of the durations, as in the simulator), otherwise wall
@@ -57,6 +59,7 @@ import hashlib
 import os
 import socket
 import threading
+import uuid
 import time
 from fractions import Fraction
 
@@ -128,6 +131,7 @@ class Slot:
         self.timings_base = 0  # rows before it the driver has confirmed (and were dropped here)
         self.job_stop: threading.Event | None = None  # set -> abandon the trajectory in flight
         self.sent = 0  # finished batches whose sum a report has carried (eager upload)
+        self.total: WorkerBatch | None = None  # the sum of ``results`` (merged in job order)
 
     def computing(self) -> bool:
         return (self.active and (self.limit is None or self.started < self.limit)
@@ -165,15 +169,17 @@ class Slot:
             return self.inflight_finish
         return self.nominal_begin + float(self.elapsed)  # between jobs: the next one ends later
 
-    def report(self, r: int, seen: int) -> dict:
-        """The worker's state for a poll about round ``r``; ``seen``: the timing rows the driver
-        has (dropped here; the reply carries the rest, numbered from ``timings_base``)."""
+    def report(self, r: int, seen: tuple | None) -> dict:
+        """The worker's state for a poll about round ``r``; ``seen``: (incarnation, rows) of
+        the timing rows the driver has (those of this incarnation are dropped here; the reply
+        carries the rest, numbered from ``timings_base``)."""
         if self.host.error:
             raise RuntimeError(self.host.error)
         current = self.round == r
-        if seen > self.timings_base:
-            del self.timings[:seen - self.timings_base]
-            self.timings_base = seen
+        token, rows = seen or (None, 0)
+        if token == self.host.incarnation and rows > self.timings_base:
+            del self.timings[:rows - self.timings_base]
+            self.timings_base = rows
         busy = current and (self.job_stop is not None or self.computing())
         # holding at its target (hold), nothing in flight, its quota not reached: extend() resumes it
         waiting = (current and self.host.hold and self.active and not busy
@@ -183,10 +189,11 @@ class Slot:
         # these, else (or if this reply is lost) calls upload.
         upload = None
         if current and self.host.eager and len(self.results) > self.sent:
-            upload, self.sent = (merged(self.results), self.point_digest), len(self.results)
+            upload, self.sent = (self.total, self.point_digest), len(self.results)
         return {"round": self.round, "finishes": list(self.finishes) if current else [],
                 "horizon": self.horizon() if current else INF, "stamp": self.stamp,
                 "next_job": self.next_job, "busy": busy, "waiting": waiting, "completed": self.completed,
+                "incarnation": self.host.incarnation,
                 "timings": (self.timings_base, list(self.timings)), "upload": upload}
 
     def first(self, r: int, b: int) -> WorkerBatch | None:
@@ -225,6 +232,7 @@ class WorkerActor:
         self.hold = bool(spec.get("hold", False)) and not self.inject  # wait at the target (shared cores)
         self.eager = not self.inject and spec.get("aggregation") == "server"  # reports carry sums (Slot.report)
         self.cv = threading.Condition()
+        self.incarnation = uuid.uuid4().hex  # reports' running totals count from 0 in each incarnation
         self.slots = {w: Slot(w, self) for w in sorted(workers)}
         self.requests: list[JobRequest] = []  # per-gradient jobs of hosted workers, waiting to roll out
         self.closing = False
@@ -254,21 +262,12 @@ class WorkerActor:
         return digest(protocol.theta) if protocol is not None else ""
 
     # ------------------------------------------------------------------ rounds
-    def begin(self, w: int, r: int, point, first_job: int, limit: int | None, origin: float, cancel: bool,
-              sample_round: int | None, round_wall: float, late: bool = False, target: int = 0) -> None:
-        """Worker ``w`` starts round ``r`` at ``point`` (None: this actor's protocol copy's round
-        point) with job indices first_job, first_job + 1, ...; at most ``limit`` jobs; ``cancel``:
-        what its halt does. ``sample_round`` (runtime.streams: round): trajectories are keyed by
-        (sample_round, index in the round) instead of by job index. ``round_wall``: the driver's
-        epoch of the round's start; ``late``: joining a round under way (after a restart);
-        ``target``: the gradients expected of this worker in the round (see the module docstring)."""
-        self.begin_all([(w, r, point, first_job, limit, origin, cancel, sample_round, round_wall, late, target)])
-
     def begin_all(self, begins: list[tuple], since: dict | None = None, timeout: float = 0.0,
                   seen: dict | None = None) -> dict | None:
-        """Several :meth:`begin` calls (argument tuples) at once: the compute thread sees all of
-        them together, so their first jobs form one rollout. With ``since``, the call goes on
-        as the round's first :meth:`progress` poll (one message instead of two)."""
+        """Begin a round for several workers (one argument tuple of :meth:`_begin` each) at
+        once: the compute thread sees all of them together, so their first jobs form one
+        rollout. With ``since``, the call goes on as the round's first :meth:`progress` poll (one
+        message instead of two)."""
         with self.cv:
             for args in begins:
                 self._begin(*args)
@@ -279,6 +278,12 @@ class WorkerActor:
 
     def _begin(self, w: int, r: int, point, first_job: int, limit: int | None, origin: float, cancel: bool,
                sample_round: int | None, round_wall: float, late: bool = False, target: int = 0) -> None:
+        """Worker ``w`` starts round ``r`` at ``point`` (None: this actor's protocol copy's round
+        point) with job indices first_job, first_job + 1, ...; at most ``limit`` jobs; ``cancel``:
+        what its halt does. ``sample_round`` (runtime.streams: round): trajectories are keyed by
+        (sample_round, index in the round) instead of by job index. ``round_wall``: the driver's
+        epoch of the round's start; ``late``: joining a round under way (after a restart);
+        ``target``: the gradients expected of this worker in the round (see the module docstring)."""
         s = self.slots[w]
         if r <= s.round:
             return  # stale or repeated
@@ -292,7 +297,7 @@ class WorkerActor:
         else:
             download = s.comm
         s.round, s.point, s.point_digest = r, np.asarray(point), digest(point)
-        s.results, s.finishes, s.started, s.next_job, s.sent = [], [], 0, first_job, 0
+        s.results, s.finishes, s.started, s.next_job, s.sent, s.total = [], [], 0, first_job, 0, None
         s.sample_round, s.round_wall, s.target = sample_round, round_wall, int(target)
         # A halt of this round may overtake its begin (call threads run concurrently).
         s.limit, s.origin, s.active = limit, origin, r > s.halted
@@ -326,8 +331,8 @@ class WorkerActor:
         worker's report (``seen``: see :meth:`Slot.report`). One call per actor, not per worker:
         the workers it hosts finish a rollout together and report in one reply. A stamp None
         means since the begin of round ``r`` (the driver's first poll of a round then answers
-        with the first news rather than with the begin itself, or at once if the worker has
-        nothing to compute)."""
+        with the first news rather than with the begin itself, or at once if one of the named
+        workers has nothing to compute)."""
         deadline = time.monotonic() + timeout
         with self.cv:
             # A poll may overtake the begin of its round (call threads run concurrently): wait for it.
@@ -336,7 +341,7 @@ class WorkerActor:
                 if left <= 0:
                     break
                 self.cv.wait(left)
-            return {w: self.slots[w].report(r, seen.get(w, 0)) for w in since}
+            return {w: self.slots[w].report(r, seen.get(w)) for w in since}
 
     def _news(self, w: int, r: int, stamp: int | None) -> bool:
         s = self.slots[w]
@@ -363,7 +368,7 @@ class WorkerActor:
                         s.job_stop.set()
                     s.stamp += 1
             self.cv.notify_all()
-            return {w: self.slots[w].report(r, seen.get(w, 0)) for w in workers}
+            return {w: self.slots[w].report(r, seen.get(w)) for w in workers}
 
     def extend(self, w: int, r: int, extra: int) -> None:
         """Round ``r`` needs more: raise worker ``w``'s target by ``extra`` gradients."""
@@ -546,9 +551,9 @@ class WorkerActor:
         start = time.time()
         try:
             outs = self.oracle.gradients_many([(q.point, [(q.w, q.job)]) for q in batch])
-            share = (time.time() - start) / len(batch)  # one row per trajectory: the rollout's time, shared
+            seconds = time.time() - start  # each job took its worker the whole rollout
             for q, out in zip(batch, outs):
-                q.result = (out[q.w], [("compute", share)])
+                q.result = (out[q.w], [("compute", seconds)])
         except Exception as exc:  # a bug or a broken env: every caller reports it
             for q in batch:
                 q.error = f"job ({q.w}, {q.job}) failed: {type(exc).__name__}: {exc}"
@@ -602,20 +607,21 @@ class WorkerActor:
                     for s, _, _ in plan:
                         s.active = False
             with self.cv:
-                total = len(jobs)
-                seconds = (time.time() - start_wall) / total
+                now = time.time()  # one finish time for the whole rollout (its gradients tie)
                 for (s, own, _), r in zip(plan, rounds):
                     s.job_stop = None
-                    finished = s.inflight_finish if self.inject else time.time() - s.round_wall
+                    finished = s.inflight_finish if self.inject else now - s.round_wall
                     if not self.inject and s.finishes and s.round == r:  # in job order, even if the clock steps back
                         finished = max(finished, s.finishes[-1])
                     s.inflight_finish = None
                     if out is not None:
                         s.completed += len(own)
-                        # one row per trajectory (timings.csv replays them): the rollout's time, shared
-                        s.timings.extend([("compute", seconds)] * len(own))
+                        # one row per trajectory (timings.csv replays them): the rollout took the
+                        # worker this long for its own trajectories, shared among them
+                        s.timings.extend([("compute", (now - start_wall) / len(own))] * len(own))
                         if s.round == r and s.active:
                             s.results.append(out[s.w])
+                            s.total = out[s.w] if s.total is None else s.total.merge(out[s.w])
                             s.finishes.extend([finished] * len(own))
                     s.stamp += 1
                 self.cv.notify_all()
