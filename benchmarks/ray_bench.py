@@ -11,7 +11,7 @@ reduction, and trajectories whose real compute time exceeds h_i on a busy machin
 ratio above 1.
 
 Part 2 (throughput): the same run without injected delays; env steps of the consumed
-trajectories per wall second on Ray (n actors) and on the simulator runtime (one process, each
+trajectories per wall second on Ray (n workers) and on the simulator runtime (one process, each
 round one batched rollout of exactly the M consumed trajectories).
 
 ``--equal-cores``: the throughput of part 2 at equal cores instead, for a matrix of settings
@@ -264,7 +264,7 @@ def main() -> None:
     ray_sps = raw["env_steps"] / raw["wall"]
     sim_sps = sim_raw["env_steps"] / sim_raw["wall"]
     print("\n2) throughput without injected delays (env steps of used trajectories per wall second)")
-    print(f" Ray ({args.workers} actors): {ray_sps:9.0f} steps/s  ({raw['env_steps']} steps in {raw['wall']:.2f} s; "
+    print(f" Ray ({args.workers} workers): {ray_sps:9.0f} steps/s  ({raw['env_steps']} steps in {raw['wall']:.2f} s; "
           f"{raw['computed']} trajectories computed for {raw['used']} used)")
     print(f" simulator runtime:  {sim_sps:9.0f} steps/s  ({sim_raw['env_steps']} steps in {sim_raw['wall']:.2f} s)")
     print(f" Ray / simulator: {ray_sps / sim_sps:.2f}")
