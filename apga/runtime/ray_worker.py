@@ -5,12 +5,12 @@ One actor process *hosts* one apga worker, or several when the workers share cor
 than CPUs, real time: apga.runtime.ray_runtime.host_groups): each hosted worker keeps its own
 state (a :class:`Slot`: round, counters, finish times, sums), and the driver addresses every
 call about a worker to its actor, with the worker's index (polls and halts name several
-workers; one reply reports them all). Per-gradient protocols: each hosted worker has
-one job in flight, at its own point, and the actor rolls these jobs out together. It is a *threaded* actor: one background
-compute thread rolls out the trajectories of all its workers, while the driver's calls (begin a
-round, wait for progress, halt, upload, AllReduce, ...) are served by Ray's call threads. It never
-names a method: what it computes and how it reduces come from the protocol
-(apga/protocol/base.py).
+workers; one reply reports them all). Per-gradient protocols: each hosted worker has one job
+in flight, at its own point, and the actor rolls these jobs out together. It is a *threaded*
+actor: one background compute thread rolls out the trajectories of all its workers, while the
+driver's calls (begin a round, wait for progress, halt, upload, AllReduce, ...) are served by
+Ray's call threads. It never names a method: what it computes and how it reduces come from the
+protocol (apga/protocol/base.py).
 
 Batches (real time, no injected delays): a round's begin carries a *target*, the number of
 gradients the driver expects of this worker in the round (its share of the smallest total that
