@@ -32,6 +32,11 @@ class WorkerBatch:
     def empty(dim: int) -> "WorkerBatch":
         return WorkerBatch(np.zeros(dim), 0)
 
+    @property
+    def trajectories(self) -> int:
+        """The trajectories this batch stands for: accepted and rejected gradients."""
+        return self.count + self.rejected
+
     def merge(self, other: "WorkerBatch") -> "WorkerBatch":
         """Concatenate two batches of the same worker (sums add; order of stats is kept)."""
         return WorkerBatch(

@@ -438,9 +438,6 @@ class RayRuntime(Runtime):
         waiting = [False] * n  # the newest report says: holding at its target, nothing in flight
         busy = [True] * n  # the newest report says: computing or a job in flight
         uploads: dict[int, tuple] = {}  # worker -> (sum of its gradients so far, point digest) sent eagerly
-
-        def size(sent: tuple) -> int:
-            return sent[0].count + sent[0].rejected
         self._calls = {ref: c for ref, c in self._calls.items() if c[0] == "ready"}
 
         def poll(a: int, kind: str = "progress", begins: list[tuple] | None = None) -> None:
@@ -514,7 +511,7 @@ class RayRuntime(Runtime):
             if out["round"] != r or w not in self._alive:
                 return False
             sent = out.get("upload")
-            if sent is not None and (w not in uploads or size(sent) > size(uploads[w])):
+            if sent is not None and (w not in uploads or sent[0].trajectories > uploads[w][0].trajectories):
                 uploads[w] = sent  # a later sum holds more gradients (replies may overtake each other)
             if out["stamp"] > stamps[w]:
                 finishes[w], horizon[w], stamps[w] = out["finishes"], out["horizon"], out["stamp"]
@@ -665,7 +662,7 @@ class RayRuntime(Runtime):
         counts = tally.counts
         uploaders = tally.order  # workers in the order their first consumed gradient finished
         early = {w: sent_early[w] for w in uploaders
-                 if w in sent_early and sent_early[w][0].count + sent_early[w][0].rejected == counts[w]}
+                 if w in sent_early and sent_early[w][0].trajectories == counts[w]}
         sent = time.time()
         calls = {self._host(w).upload.remote(w, r, counts[w]): w for w in uploaders if w not in early}
         results, lost = self._gather(calls, timeout=self.worker_timeout + POLL)
@@ -675,9 +672,9 @@ class RayRuntime(Runtime):
             self._measured(w, [("upload", self._ready_at[w] - sent)])
         results.update(early)
         for w, (batch, pdig) in results.items():
-            if pdig != point_digest or batch.count + batch.rejected != counts[w]:
+            if pdig != point_digest or batch.trajectories != counts[w]:
                 raise ApgaError(f"runtime: internal error: worker {w} computed at another point or "
-                                f"returned {batch.count + batch.rejected} gradients for {counts[w]}")
+                                f"returned {batch.trajectories} gradients for {counts[w]}")
         self.totals.vector_comms += len(uploaders)
         # The simulator's order too, so that equal gradients give equal floating-point sums.
         return self.alg.finish_round({w: results[w][0] for w in uploaders})

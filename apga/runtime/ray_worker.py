@@ -204,7 +204,7 @@ class Slot:
             if total >= b:
                 break
             parts.append(part)
-            total += part.count + part.rejected
+            total += part.trajectories
         if self.round != r or total != b:
             raise RuntimeError(f"worker {self.w}: round {r} has no first {b} gradients in whole batches "
                                f"({len(self.finishes)} gradients, actor round {self.round})")
