@@ -30,8 +30,11 @@ import os
 import statistics
 import time
 
+import numpy as np
+
 from apga.config import load_config, to_dict
 from apga.runtime import ray_session
+from apga.stats import bootstrap_interval
 from apga.run.build import build_oracle, build_runtime
 
 
@@ -168,9 +171,11 @@ def equal_cores(args) -> list[dict]:
     finally:
         session.close()
     print(f"\nequal cores ({cores}): env steps of used trajectories per wall second "
-          f"(first update not counted; medians of {args.repeats} pair(s))")
+          f"(first update not counted; {args.repeats} pair(s) per setting)\n"
+          " Ray/sim: the pairs' median ratio, their min and max, and their geometric mean with its 90 % "
+          "bootstrap interval (apga.stats)")
     print(f" {'env':<11} {'n':>3} {'method':<22} {'simulator':>10} {'Ray':>9} {'Ray/sim':>8} {'(min, max)':>13} "
-          f"{'computed':>9} {'used':>6} {'wasted':>7} {'sim wasted':>11}")
+          f"{'geo mean [90% CI]':>20} {'computed':>9} {'used':>6} {'wasted':>7} {'sim wasted':>11}")
     out = []
     for row in rows:
         pairs = row["pairs"]
@@ -181,12 +186,16 @@ def equal_cores(args) -> list[dict]:
         sim_wasted = sum(p["sim"]["computed"] - p["sim"]["used"] for p in pairs)
         name = f"{row['method']}/{row['aggregation']}" if row["method"] == "rennala_nigt" else row["method"]
         spread = f"({min(ratios):.2f}, {max(ratios):.2f})" if len(ratios) > 1 else ""
+        ci = bootstrap_interval(np.log(ratios), np.mean)  # of the log ratios: a geometric mean
+        geo = {key: math.exp(ci[key]) for key in ("estimate", "low", "high")}
+        geo_text = f"{geo['estimate']:.2f} [{geo['low']:.2f}, {geo['high']:.2f}]"
         print(f" {row['env']:<11} {row['n']:>3} {name:<22} {sim_sps:>10.0f} {ray_sps:>9.0f} "
-              f"{statistics.median(ratios):>8.2f} {spread:>13} {computed:>9} {used:>6} {computed - used:>7} "
-              f"{sim_wasted:>11}")
+              f"{statistics.median(ratios):>8.2f} {spread:>13} {geo_text:>20} {computed:>9} {used:>6} "
+              f"{computed - used:>7} {sim_wasted:>11}")
         out.append({"env": row["env"], "horizon": row["horizon"], "n": row["n"], "method": row["method"],
                     "aggregation": row["aggregation"], "updates": row["updates"], "sim_steps_per_s": sim_sps,
                     "ray_steps_per_s": ray_sps, "ratio": statistics.median(ratios), "ratios": ratios,
+                    "ratio_geomean": geo["estimate"], "ratio_geomean_ci90": [geo["low"], geo["high"]],
                     "ray_computed": computed, "ray_used": used, "ray_wasted": computed - used,
                     "sim_wasted": sim_wasted})
     try:

@@ -165,9 +165,10 @@ class TestLocal:
 
     def test_batched_rounds_consume_whole_batches_of_exact_gradients(self):
         """Real time, policy.rollout_batch 8, 2 workers on 2 CPUs: each actor rolls its target
-        out as one oracle call (one batch, one GPOMDP pass), then goes on one job at a time. A
-        batch's gradients finish together, so the consumption rule takes whole batches (ties),
-        and the round's update equals one recomputed from exactly those oracle calls."""
+        out as one oracle call (one batch, one GPOMDP pass), then waits (or, if the other keeps
+        it waiting long, goes on one job at a time). A batch's gradients finish together, so the
+        consumption rule takes whole batches (ties), and the round's update equals one
+        recomputed from exactly those oracle calls, at the job indices the event reports."""
         import copy
         from apga.oracle.base import WorkerBatch
         from apga.runtime.ray_runtime import round_targets
@@ -180,12 +181,12 @@ class TestLocal:
         last = None
         try:
             for k in range(3):
-                before, first = copy.deepcopy(rt.alg), list(rt.next_job)
+                before = copy.deepcopy(rt.alg)
                 targets = round_targets(before, [True, True], last)
                 assert sum(targets) == 8 and (k > 0 or targets == [4, 4])
                 point = before.round_point()
                 ev = rt.step()
-                last = ev.counts
+                last, first = ev.counts, ev.first_jobs
                 assert sum(ev.counts) >= 8 and ev.update.used + ev.update.rejected == sum(ev.counts)
                 sums = {}
                 for w, b in enumerate(ev.counts):
@@ -233,6 +234,43 @@ class TestLocal:
             rt.close()
             oracle.close()
 
+    def test_a_worker_waiting_at_its_target_goes_on_while_another_straggles(self):
+        """Real time, 2 workers with a core each, M = 8 (targets 4 and 4): worker 1's actor is
+        made a straggler (pinned, at nice 19, to a core a busy process keeps loaded), so it
+        stays responsive but computes at a sliver of its speed. Worker 0 rolls its 4 out, waits
+        as long again, then goes on one job at a time, as in Rennala: the round closes with
+        worker 0's gradients beyond its target, and the next round's targets follow the counts."""
+        cores = sorted(os.sched_getaffinity(0))
+        if len(cores) < 2:
+            pytest.skip("needs 2 cores")
+        cfg = load_config({**_as_dict(config("rennala_nigt", "server")),
+                           "policy": {"hidden": [16, 16], "rollout_batch": 8},
+                           "algorithm": {"name": "rennala_nigt", "batch_size": 8, "step_size": 0.05,
+                                         "momentum": 0.5}})
+        oracle = build_oracle(cfg)
+        rt = build_runtime(cfg, oracle)
+        hog = None
+        try:
+            assert rt.step().counts == [4, 4]  # equal targets at first; both wait at them
+            hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            slow = rt.worker_pids()
+            for pid, core in ((hog.pid, cores[1]), (slow[0], cores[0]), (slow[1], cores[1])):
+                for tid in os.listdir(f"/proc/{pid}/task"):
+                    os.sched_setaffinity(int(tid), {core})
+                    if pid == slow[1]:
+                        os.setpriority(os.PRIO_PROCESS, int(tid), 19)
+            ev = rt.step()
+            assert ev.counts[0] > 4 and sum(ev.counts) >= 8  # worker 0 went on past its target
+            assert ev.update.used + ev.update.rejected == sum(ev.counts)
+            ev = rt.step()
+            assert ev.counts[0] >= 7  # the targets follow the last counts (7 and 1 after 8 and 0)
+        finally:
+            if hog is not None:
+                hog.kill()
+                hog.wait()
+            rt.close()
+            oracle.close()
+
     @pytest.mark.parametrize("aggregation", ["server", "allreduce"])
     def test_workers_sharing_cores_share_actors_and_roll_out_together(self, aggregation, monkeypatch):
         """4 workers on 2 CPUs: 2 actor processes host 2 workers each and roll both workers'
@@ -255,7 +293,7 @@ class TestLocal:
                 before, first = copy.deepcopy(rt.alg), list(rt.next_job)
                 point = before.round_point()
                 ev = rt.step()
-                assert ev.counts == [2, 2, 2, 2]
+                assert ev.counts == [2, 2, 2, 2] and ev.first_jobs == first  # holding: nothing past the targets
                 sums = {}
                 for group in ([0, 1], [2, 3]):
                     out = oracle.gradients(point, [(w, j) for w in group for j in (first[w], first[w] + 1)])

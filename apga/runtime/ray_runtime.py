@@ -12,20 +12,24 @@ Round protocols (schedule "rounds"), one :meth:`step` = one round:
    the reference; AllReduce aggregation: nothing is sent, every worker takes the round's point
    from its actor's copy of the protocol;
 2. workers compute trajectories at that point (in batches up to their round targets, up to the
-   protocol's quota), job indices continuing their own counters (kept by the driver); the
+   protocol's quota; in real time a worker then waits at its target, see ray_worker), job
+   indices continuing their own counters (kept by the driver); the
    traffic is a long poll per actor reporting, for each worker it hosts, the finish times of
    its gradients and its horizon (no earlier finish is still unreported), and in real time with
    server aggregation its sum so far; the driver merges them and applies the protocol's
    consumption rule (``RoundTally``: finishing order, ties at the stop included), the same code
    the simulator runs;
-3. once the stop is certain, the computing workers are halted (the trajectory in flight is
-   cancelled within one env step, or finishes and is discarded with ``cancel: false``) and the
+3. once the stop is certain, the workers that compute or may still start a job are halted (the
+   trajectory in flight is cancelled within one env step, or finishes and is discarded with
+   ``cancel: false``; with AllReduce in real time the AllReduce call itself halts) and the
    round consumes, of each worker, its first b_i gradients;
 4. one reduction, while the halts travel: each worker with b_i > 0 contributes its sum (from a
    report, or by an upload call) and the driver calls ``finish_round`` (server), or the actors
    run one gloo AllReduce among themselves (one rank each) and each finishes the round on its
-   own protocol copy; the driver takes the new state from rank 0 and checks that every rank
-   holds the same bits (AllReduce).
+   own protocol copy; the driver takes the same step on its copy from rank 0's reduced numbers
+   and checks that every rank holds the same bits (AllReduce). In real time the next round
+   begins without waiting for the halts' replies (with injected delays it waits, so that its
+   job counters are exact).
 
 Per-gradient protocols (schedule "per_gradient"), one :meth:`step` = one gradient: each worker
 always has one job in flight at the point it was handed; the first to arrive is applied at once
@@ -55,7 +59,7 @@ import ray  # noqa: F401  (missing Ray fails here: build_runtime turns that into
 
 from apga.errors import ApgaError
 from apga.protocol.base import RoundTally, Update
-from apga.runtime.ray_worker import INF, WorkerActor, digest
+from apga.runtime.ray_worker import INF, WorkerActor, digest, reduction_of
 from apga.runtime.base import Event, Runtime, Totals
 
 log = logging.getLogger(__name__)
@@ -72,6 +76,7 @@ class RayEvent(Event):
     """An update as the Ray runtime saw it (times in runtime seconds)."""
 
     restarts: int = 0  # worker restarts seen during this update
+    first_jobs: list[int] | None = None  # rounds: each worker's first job index in the round
     worker: int | None = None  # per gradient: the sender
 
 
@@ -230,14 +235,15 @@ class RayRuntime(Runtime):
         try:
             cpus = float(ray.cluster_resources().get("CPU", 1.0))
             # Workers that share cores share actors (real time: their trajectories roll out as
-            # one batch) and wait at their round's targets (ray_worker).
+            # one batch). In real time every worker waits at its round's target; one with a core
+            # of its own goes on past it after a while if the round is still open (ray_worker).
             shared = self.n > cpus
             self._groups = host_groups(self.n, cpus, not self.inject)
             self._host_of = [a for a, group in enumerate(self._groups) for _ in group]
             per_actor = math.floor(min(1.0, cpus / len(self._groups)) * 1e4) / 1e4  # Ray's resource granularity
             spec = {"n": self.n, "times": self.times, "inject": self.inject, "cancel": self.cancel,
                     "oracle_factory": self.oracle_factory, "batch": self.cfg.policy.rollout_batch,
-                    "hold": shared, "aggregation": self.aggregation}
+                    "release": not shared, "aggregation": self.aggregation}
             if self._session is not None:
                 self.say(f"ray: up in {time.monotonic() - t0:.1f} s ({cpus:g} CPUs)")
             actors = len(self._groups)
@@ -437,6 +443,7 @@ class RayRuntime(Runtime):
         stamps = [-1] * n  # the newest report seen per worker
         waiting = [False] * n  # the newest report says: holding at its target, nothing in flight
         busy = [True] * n  # the newest report says: computing or a job in flight
+        first_jobs = list(self.next_job)  # each worker's first job index in the round (its reports)
         uploads: dict[int, tuple] = {}  # worker -> (sum of its gradients so far, point digest) sent eagerly
         self._calls = {ref: c for ref, c in self._calls.items() if c[0] == "ready"}
 
@@ -510,6 +517,7 @@ class RayRuntime(Runtime):
                 return True  # answered before the round's begin reached the worker: ask again
             if out["round"] != r or w not in self._alive:
                 return False
+            first_jobs[w] = out["first_job"]
             sent = out.get("upload")
             if sent is not None and (w not in uploads or sent[0].trajectories > uploads[w][0].trajectories):
                 uploads[w] = sent  # a later sum holds more gradients (replies may overtake each other)
@@ -544,8 +552,11 @@ class RayRuntime(Runtime):
             live = sorted(self._alive)
             if any(busy[w] for w in live) or not any(waiting[w] for w in live):
                 return
+            reported = [len(finishes[w]) if w in self._alive else 0 for w in range(n)]
+            if alg.round_done(reported):
+                return  # enough is reported: the horizons will settle which (ask_laggards)
             extra = round_targets(alg, [w in self._alive and waiting[w] for w in range(n)], None,
-                                  base=tally.counts)
+                                  base=reported)
             if extra is None:  # it cannot close without a lost worker: wait for its restart
                 return
             now = time.time() - round_wall
@@ -590,8 +601,10 @@ class RayRuntime(Runtime):
             t_stop = self._now()
             # -- stop: halt the computing workers (restarted workers rejoin next round) ---
             halts: dict[int, list[int]] = {}
-            for w in sorted(self._alive):
-                if not waiting[w]:  # a waiting worker has nothing in flight and starts nothing
+            for w in sorted(self._alive) if server or self.inject else ():  # else the AllReduce call halts
+                # a waiting worker has nothing in flight, and starts nothing unless it may go on
+                # past its target after a while (a finite horizon)
+                if not waiting[w] or horizon[w] < INF:
                     halts.setdefault(self._host_of[w], []).append(w)
             for a, ws in halts.items():
                 self._call("halt", None, self._actors[a].halt.remote(r, ws, self._seen(ws)), a)
@@ -620,12 +633,16 @@ class RayRuntime(Runtime):
                     resume()
                 continue
             break
-        take_halts()
+        if self.inject:
+            # The halts' replies bring the final job counters. In real time the next begin does not
+            # wait for them: a worker never reuses a job index (ray_worker: the begin's first job
+            # is at least its own counter), and the begin cancels a job of this round still running.
+            take_halts()
         self.clock = self._now()
         self._last_counts = list(tally.counts)
         self.count(update)
         return RayEvent(self.clock, update, t_start, t_stop, counts=list(tally.counts),
-                        restarts=self.restarts - restarts0)
+                        restarts=self.restarts - restarts0, first_jobs=first_jobs)
 
     def _gather(self, calls: dict, timeout: float, per_actor: bool = False) -> tuple[dict, list[int]]:
         """Wait for ``calls`` (ref -> worker, or -> actor index with ``per_actor``); results by
@@ -711,7 +728,9 @@ class RayRuntime(Runtime):
         ray = _ray()
         epoch = self._ensure_group()
         members = self._group  # actor indices, in rank order
-        calls = {self._actors[a].allreduce.remote(r, {w: counts[w] for w in self._groups[a]}, epoch): a
+        # in real time the call halts the round's workers too (no halt calls were sent)
+        calls = {self._actors[a].allreduce.remote(r, {w: counts[w] for w in self._groups[a]}, epoch,
+                                                  not self.inject): a
                  for a in members}
         results, lost = self._gather(calls, timeout=max(10.0, min(self.worker_timeout, 60.0)) + POLL,
                                      per_actor=True)
@@ -726,18 +745,19 @@ class RayRuntime(Runtime):
             for w, pdig in out["point_digests"].items():
                 if pdig != point_digest:
                     raise ApgaError(f"runtime: internal error: worker {w} computed at another point than the driver's")
-        rank0 = results[members[0]]
         for a in members:
             for w in self._groups[a]:
                 self._measured(w, [("allreduce", results[a]["seconds"])])
-        digests = {out["digest"] for out in results.values()}
-        self.alg.set_state(rank0["state"])
-        if len(digests) > 1:  # ranks disagree in the last bits (e.g. different CPUs): realign on rank 0
+        # The same step on the driver's copy, from rank 0's reduced numbers (a small reply, not
+        # the protocol's state).
+        update = self.alg.finish_reduction(reduction_of(results[members[0]]["reduced"]))
+        mine = digest(self.alg.theta)
+        apart = [a for a in members if results[a]["digest"] != mine]
+        if apart:  # ranks disagree in the last bits (e.g. different CPUs): realign on the driver's
             self.resyncs += 1
-            log.warning("AllReduce ranks hold different parameters after round %d; resetting them to rank 0's", r)
-            ray.get([self._actors[a].set_protocol.remote(self.alg) for a in members])
+            log.warning("AllReduce ranks hold different parameters after round %d; resetting them to the driver's", r)
+            ray.get([self._actors[a].set_protocol.remote(self.alg) for a in apart])
         self.totals.vector_comms += 1
-        update = rank0["update"]
         if update.used > 0:
             update.returns = np.concatenate([results[a]["returns"] for a in members])
         return update

@@ -25,12 +25,17 @@ rolls the jobs of all of them that compute at the round's point out as one such 
 batch: per env step the Python overhead is shared by more simulations); each worker's sum is its
 own part of the call.
 
-Past its target the worker goes on one job at a time, as a round's workers do, except when the
-actors share cores (more workers than CPUs, ``hold``): then a job past the target would only
-take the core from a worker that still owes its share, so the worker waits until the round stops
-or the driver extends its target (:meth:`extend`: when every worker is waiting and the round
-still needs gradients, e.g. after a worker was lost). With injected delays every job is one
-trajectory with its own nominal duration, as in the simulator, and no worker holds.
+At its target the worker waits (real time, ``hold``), until the round stops or the driver
+extends its target (:meth:`extend`: when every worker is waiting and the round still needs
+gradients, e.g. after a worker was lost). The targets split the round's gradients so that, at
+the speeds of the last round, everyone reaches theirs at about the same time: a job past the
+target would finish after the stop and be thrown away, or, on shared cores, take the core from
+a worker that still owes its share. A worker with a core of its own that reached its target at
+round time d and still waits at ``RELEASE * d`` (another worker straggles) goes on one job at a
+time, as Rennala's workers do: the round consumes by finishing order, so its extra gradients
+replace the straggler's, and the next round's targets follow these counts. With injected delays
+every job is one trajectory with its own nominal duration, as in the simulator, and no worker
+waits.
 
 During a round, :meth:`progress` is a long poll (one per actor, naming its workers) that
 returns, per worker, the finish times of the round's gradients so far and a *horizon*: every
@@ -71,6 +76,9 @@ from apga.rng import round_sample
 
 INF = float("inf")
 GATHER = 0.02  # seconds a hosted worker's per-gradient job waits at most for the others' (to batch)
+# A worker with a core of its own that reached its target at round time d waits until
+# RELEASE * d, then goes on one job at a time while the round is still open (see the docstring).
+RELEASE = 2.0
 
 
 def digest(x: np.ndarray) -> str:
@@ -113,6 +121,7 @@ class Slot:
         self.started = 0  # jobs started in the current round
         self.sample_round: int | None = None  # runtime.streams: round -> keys of this round's trajectories
         self.next_job = 0  # the next job index of this worker (the driver sets it at begin)
+        self.first_job = 0  # the job index of the round's first job
         self.not_before = 0.0  # injected download: the round's first job starts then (epoch s)
         self.origin = time.time()  # epoch of the run clock (for time models that depend on it)
         self.round_wall = time.time()  # epoch at which the current round began (the driver's)
@@ -131,11 +140,13 @@ class Slot:
         self.timings_base = 0  # rows before it the driver has confirmed (and were dropped here)
         self.job_stop: threading.Event | None = None  # set -> abandon the trajectory in flight
         self.sent = 0  # finished batches whose sum a report has carried (eager upload)
+        self.release_at: float | None = None  # epoch at which a worker waiting at its target goes on
         self.total: WorkerBatch | None = None  # the sum of ``results`` (merged in job order)
 
     def computing(self) -> bool:
         return (self.active and (self.limit is None or self.started < self.limit)
-                and (not self.host.hold or self.started < self.target))
+                and (not self.host.hold or self.started < self.target
+                     or (self.release_at is not None and time.time() >= self.release_at)))
 
     def batch_size(self, room: int) -> int:
         """Jobs this worker's part of the next rollout takes: one with injected delays (each has
@@ -162,7 +173,9 @@ class Slot:
     def horizon(self) -> float:
         """Every gradient of this round that finishes before the horizon has been reported."""
         if not self.active or (self.job_stop is None and not self.computing()):
-            return INF  # halted, or quota reached with nothing in flight: no more finishes
+            if self.active and self.release_at is not None and (self.limit is None or self.started < self.limit):
+                return self.release_at - self.round_wall  # waiting: nothing finishes before it goes on
+            return INF  # halted, quota reached or waiting with nothing in flight: no more finishes
         if not self.host.inject:
             return time.time() - self.round_wall  # anything still running finishes later
         if self.inflight_finish is not None and self.job_stop is not None:
@@ -192,7 +205,8 @@ class Slot:
             upload, self.sent = (self.total, self.point_digest), len(self.results)
         return {"round": self.round, "finishes": list(self.finishes) if current else [],
                 "horizon": self.horizon() if current else INF, "stamp": self.stamp,
-                "next_job": self.next_job, "busy": busy, "waiting": waiting, "completed": self.completed,
+                "next_job": self.next_job, "first_job": self.first_job, "busy": busy, "waiting": waiting,
+                "completed": self.completed,
                 "incarnation": self.host.incarnation,
                 "timings": (self.timings_base, list(self.timings)), "upload": upload}
 
@@ -209,6 +223,14 @@ class Slot:
             raise RuntimeError(f"worker {self.w}: round {r} has no first {b} gradients in whole batches "
                                f"({len(self.finishes)} gradients, actor round {self.round})")
         return merged(parts) if parts else None
+
+
+def reduction_of(buf: np.ndarray) -> Reduction:
+    """The round's numbers from an AllReduce buffer [contribution, accepted count, rejected
+    count, live workers, env steps] (what every rank and the driver finish the round with)."""
+    dim = buf.shape[0] - 4
+    total, rejected, live, env_steps = (int(round(x)) for x in buf[dim:])
+    return Reduction(buf[:dim] if total else None, total, live, rejected, np.zeros(0), env_steps)
 
 
 def merged(parts: list[WorkerBatch]) -> WorkerBatch:
@@ -229,7 +251,8 @@ class WorkerActor:
         self.times, self.inject, self.cancel = spec["times"], spec["inject"], spec["cancel"]
         self.oracle = spec["oracle_factory"]()
         self.batch_max = max(1, int(spec.get("batch", 1)))  # jobs rolled out together at most
-        self.hold = bool(spec.get("hold", False)) and not self.inject  # wait at the target (shared cores)
+        self.hold = not self.inject  # real time: wait at the target (see the module docstring)
+        self.release = self.hold and bool(spec.get("release", False))  # ... and go on after a while
         self.eager = not self.inject and spec.get("aggregation") == "server"  # reports carry sums (Slot.report)
         self.cv = threading.Condition()
         self.incarnation = uuid.uuid4().hex  # reports' running totals count from 0 in each incarnation
@@ -269,8 +292,19 @@ class WorkerActor:
         rollout. With ``since``, the call goes on as the round's first :meth:`progress` poll (one
         message instead of two)."""
         with self.cv:
+            running = [(s, s.round, s.job_stop) for s in self.slots.values() if s.job_stop is not None]
             for args in begins:
                 self._begin(*args)
+            # A rollout of an earlier round still running (its halt not here yet: real time does
+            # not wait for it) is cancelled once all its workers moved on; cancel: false lets it
+            # finish, as a halt would.
+            stale: dict[int, list] = {}
+            for s, rnd, stop in running:
+                entry = stale.setdefault(id(stop), [stop, True])
+                entry[1] = entry[1] and (s.round > rnd or not s.active) and s.cancel
+            for stop, cancel in stale.values():
+                if cancel:
+                    stop.set()
             self.cv.notify_all()
         if since is not None:
             return self.progress(begins[0][1], since, timeout, seen or {})
@@ -297,7 +331,11 @@ class WorkerActor:
         else:
             download = s.comm
         s.round, s.point, s.point_digest = r, np.asarray(point), digest(point)
-        s.results, s.finishes, s.started, s.next_job, s.sent, s.total = [], [], 0, first_job, 0, None
+        # never below its own counter: in real time the driver may not have the last halt's reply
+        # (an index whose trajectory was never reported), and an index is never used twice
+        s.results, s.finishes, s.started, s.sent, s.total = [], [], 0, 0, None
+        s.next_job = s.first_job = max(first_job, s.next_job)
+        s.release_at = None
         s.sample_round, s.round_wall, s.target = sample_round, round_wall, int(target)
         # A halt of this round may overtake its begin (call threads run concurrently).
         s.limit, s.origin, s.active = limit, origin, r > s.halted
@@ -376,6 +414,7 @@ class WorkerActor:
             s = self.slots[w]
             if s.round == r and s.active:
                 s.target = max(s.target, s.started) + int(extra)
+                s.release_at = None  # set anew when it reaches the new target
                 s.stamp += 1
                 self.cv.notify_all()
 
@@ -440,15 +479,19 @@ class WorkerActor:
                 pass
         self.pg, self.store = None, None
 
-    def allreduce(self, r: int, counts: dict, epoch: int) -> dict:
+    def allreduce(self, r: int, counts: dict, epoch: int, halt: bool = False) -> dict:
         """AllReduce aggregation of round ``r`` with the first ``counts[w]`` gradients of each
-        hosted worker ``w``.
+        hosted worker ``w`` (``halt``: halt them first, as :meth:`halt` does).
 
         One AllReduce of [contribution, accepted count, rejected count, live workers, env steps],
         summed over this actor's workers, the contribution being the protocol's (e.g. the sum
         g_w, or the mean g_w / b_w). Every actor then finishes the round on its own copy of the
-        protocol with the same numbers; the step is committed when the next round begins.
+        protocol with the same numbers; the step is committed when the next round begins. The
+        reply carries the reduced numbers (rank 0), so that the driver takes the same step on its
+        copy, and a digest of the new parameters (every rank), so that it sees any disagreement.
         """
+        if halt:
+            self.halt(r, list(counts), {})
         import torch
         import torch.distributed as dist
         if epoch != self.group_epoch or self.pg is None:
@@ -474,14 +517,12 @@ class WorkerActor:
         if self.inject and self.times.allreduce > 0:
             time.sleep(max(0.0, self.times.allreduce - (time.time() - t0)))
         seconds = time.time() - t0
-        total, rejected, live, env_steps = (int(round(x)) for x in buf[dim:])
         after = copy.deepcopy(self.protocol)
-        update = after.finish_reduction(Reduction(buf[:dim] if total else None, total, live, rejected,
-                                                  np.zeros(0), env_steps))
+        after.finish_reduction(reduction_of(buf))
         with self.cv:
             self.pending = (r, after)
-        return {"digest": digest(after.theta), "state": after.get_state() if self.rank == 0 else None,
-                "update": update, "point_digests": digests, "seconds": seconds,
+        return {"digest": digest(after.theta), "reduced": buf if self.rank == 0 else None,
+                "point_digests": digests, "seconds": seconds,
                 "returns": np.concatenate(returns) if returns else np.zeros(0)}
 
     # ------------------------------------------------------------------ per gradient
@@ -537,6 +578,16 @@ class WorkerActor:
                 room -= k
         return plan
 
+    def _sleep(self) -> float | None:
+        """How long the idle compute thread may sleep: until per-gradient jobs are due to roll
+        out, or until a waiting worker goes on past its target (None: until notified)."""
+        now, out = time.time(), []
+        if self.requests:
+            out.append(GATHER)
+        out.extend(s.release_at - now for s in self.slots.values()
+                   if s.active and s.release_at is not None and s.release_at > now)
+        return min(out) if out else None
+
     def _jobs_due(self) -> bool:
         """Per-gradient jobs to roll out: one of every hosted worker (each has one in flight), or
         whatever has waited ``GATHER`` seconds for the others."""
@@ -565,7 +616,7 @@ class WorkerActor:
             with self.cv:
                 while (not self.closing and not self._jobs_due()
                        and not any(s.computing() for s in self.slots.values())):
-                    self.cv.wait(GATHER if self.requests else None)
+                    self.cv.wait(self._sleep())
                 if self.closing:
                     for q in self.requests:  # not computed: the runtime is closing
                         q.done.set()
@@ -623,6 +674,8 @@ class WorkerActor:
                             s.results.append(out[s.w])
                             s.total = out[s.w] if s.total is None else s.total.merge(out[s.w])
                             s.finishes.extend([finished] * len(own))
+                            if self.release and s.release_at is None and s.started >= s.target:
+                                s.release_at = s.round_wall + RELEASE * max(0.0, now - s.round_wall)
                     s.stamp += 1
                 self.cv.notify_all()
 
