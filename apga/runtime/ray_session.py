@@ -32,6 +32,11 @@ from dataclasses import dataclass
 
 LOOPBACK = "127.0.0.1"
 OBJECT_STORE_BYTES = 256 * 1024 * 1024  # vectors are small; do not reserve 30 % of RAM
+# Replies up to this size go straight to the caller instead of through the object store (Ray's
+# default is 100 KiB). An actor hosting 5 workers reports 5 gradient sums in one reply (200 KB
+# for a Reacher policy); through the store each such reply took a few ms more to reach the
+# driver, a sizeable part of a short round (docs/ray.md, "Speed on short trajectories").
+INLINE_REPLY_BYTES = 1024 * 1024
 
 # Ray replaces a node IP of 127.0.0.1 by the machine's routable IP unless "clusters" are disabled
 # (ray._private.ray_constants.ENABLE_RAY_CLUSTER, read from this variable at import).
@@ -278,6 +283,7 @@ def start_local(num_cpus: int | None = None) -> Session:
                 log_to_driver=False,
                 _node_ip_address=LOOPBACK,
                 _temp_dir=os.path.join(temp_dir, "ray"),
+                _system_config={"max_direct_call_object_size": INLINE_REPLY_BYTES},
             )
     except BaseException:
         # Interrupted (Ctrl-C, SIGTERM) or failed after Ray started some of its processes: stop
