@@ -32,7 +32,7 @@ the speeds of the last round, everyone reaches theirs at about the same time: a 
 target would finish after the stop and be thrown away, or, on shared cores, take the core from
 a worker that still owes its share. A worker with a core of its own that reached its target at
 round time d and still waits at ``RELEASE * d`` (another worker straggles) goes on one job at a
-time, as Rennala's workers do: the round consumes by finishing order, so its extra gradients
+time, as the simulator's workers do: the round consumes by finishing order, so its extra gradients
 replace the straggler's, and the next round's targets follow these counts. With injected delays
 every job is one trajectory with its own nominal duration, as in the simulator, and no worker
 waits.
