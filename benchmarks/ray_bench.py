@@ -175,7 +175,8 @@ def equal_cores(args) -> list[dict]:
           " Ray/sim: the pairs' median ratio, their min and max, and their geometric mean with its 90 % "
           "bootstrap interval (apga.stats)")
     print(f" {'env':<11} {'n':>3} {'method':<22} {'simulator':>10} {'Ray':>9} {'Ray/sim':>8} {'(min, max)':>13} "
-          f"{'geo mean [90% CI]':>20} {'computed':>9} {'used':>6} {'wasted':>7} {'sim wasted':>11}")
+          f"{'geo mean [90% CI]':>20} {'computed':>9} {'used':>6} {'wasted':>7} {'sim wasted':>11} "
+          f"{'ms/update: sim':>14} {'Ray':>5} {'Ray stop->update':>16}")
     out = []
     for row in rows:
         pairs = row["pairs"]
@@ -189,15 +190,20 @@ def equal_cores(args) -> list[dict]:
         ci = bootstrap_interval(np.log(ratios), np.mean)  # of the log ratios: a geometric mean
         geo = {key: math.exp(ci[key]) for key in ("estimate", "low", "high")}
         geo_text = f"{geo['estimate']:.2f} [{geo['low']:.2f}, {geo['high']:.2f}]"
+        # where a Ray update's time goes: median wall ms per update, and of it the stop .. update
+        # part (halts, uploads or the AllReduce, the step), over all pairs' updates after the first
+        ms = {rt: 1000 * statistics.median(p[rt]["wall"] / (row["updates"]) for p in pairs) for rt in ("sim", "ray")}
+        stop_ms = 1000 * statistics.median(x for p in pairs for x in p["ray"]["reduce"][1:])
         print(f" {row['env']:<11} {row['n']:>3} {name:<22} {sim_sps:>10.0f} {ray_sps:>9.0f} "
               f"{statistics.median(ratios):>8.2f} {spread:>13} {geo_text:>20} {computed:>9} {used:>6} "
-              f"{computed - used:>7} {sim_wasted:>11}")
+              f"{computed - used:>7} {sim_wasted:>11} {ms['sim']:>14.1f} {ms['ray']:>5.1f} {stop_ms:>16.1f}")
         out.append({"env": row["env"], "horizon": row["horizon"], "n": row["n"], "method": row["method"],
                     "aggregation": row["aggregation"], "updates": row["updates"], "sim_steps_per_s": sim_sps,
                     "ray_steps_per_s": ray_sps, "ratio": statistics.median(ratios), "ratios": ratios,
                     "ratio_geomean": geo["estimate"], "ratio_geomean_ci90": [geo["low"], geo["high"]],
                     "ray_computed": computed, "ray_used": used, "ray_wasted": computed - used,
-                    "sim_wasted": sim_wasted})
+                    "sim_wasted": sim_wasted, "sim_ms_per_update": ms["sim"], "ray_ms_per_update": ms["ray"],
+                    "ray_stop_to_update_ms": stop_ms})
     try:
         load = os.getloadavg()
         print(f" machine: {os.cpu_count()} cores, load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}")

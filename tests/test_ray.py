@@ -519,6 +519,48 @@ def test_rl_cancellation_hook_stops_within_one_env_step():
         oracle.close()
 
 
+@pytest.mark.parametrize("cancel", [True, False])
+def test_a_begin_cancels_a_rollout_of_the_last_round_still_running(cancel):
+    """In real time the driver begins the next round without waiting for the halts' replies, so
+    a begin can reach an actor whose rollout of the last round is still running (its halt not
+    there yet). The begin cancels it (cancel: true) or lets it finish and discards it (false);
+    either way the new round's gradients are its own and no job index is used twice. The actor
+    body runs in this process: the order of the calls is the point, not Ray."""
+    from apga.runtime.ray_worker import WorkerActor
+    cfg = config(env="Pendulum-v1", n=1)
+    spec = {"n": 1, "times": None, "inject": False, "cancel": cancel, "batch": 400,
+            "oracle_factory": lambda: build_oracle(cfg), "release": False, "aggregation": "server"}
+    actor = WorkerActor([0], spec)
+    try:
+        point, origin = actor.oracle.initial_point(), time.time()
+
+        def begin(r, target):  # (worker, round, point, first job, quota, origin, cancel, sample round,
+            # round start, late, target), as the driver sends it
+            actor.begin_all([(0, r, point, 0, None, origin, cancel, None, time.time(), False, target)])
+
+        long_round = 400  # 400 Pendulum trajectories of 100 steps: one rollout of seconds
+        begin(1, long_round)
+        deadline = time.monotonic() + 60
+        while actor.slots[0].job_stop is None:  # the compute thread has taken the rollout
+            assert time.monotonic() < deadline, "the round-1 rollout never started"
+            time.sleep(0.001)
+        begin(2, 1)  # no halt of round 1 first
+        report = actor.progress(2, {0: None}, 120.0, {})[0]
+        while report["round"] == 2 and not report["finishes"] and time.monotonic() < deadline + 120:
+            report = actor.progress(2, {0: report["stamp"]}, 120.0, {})[0]  # as the driver polls on
+        assert report["round"] == 2 and len(report["finishes"]) == 1  # round 1's batch is not in round 2
+        assert report["first_job"] == long_round  # jobs 0..399 went to round 1: never used twice
+        assert report["next_job"] == long_round + 1
+        # cancel: the round-1 rollout was abandoned, only round 2's trajectory completed; else
+        # it ran to its end and was discarded
+        assert report["completed"] == (1 if cancel else long_round + 1)
+        with actor.cv:
+            assert actor.slots[0].first(2, 1).trajectories == 1
+    finally:
+        actor.shutdown()
+        actor.oracle.close()
+
+
 # ============================================================================== two nodes
 def test_two_node_cluster_on_loopback():
     """ray.cluster_utils.Cluster with a head and a worker node (both 127.0.0.1): the runtime joins
