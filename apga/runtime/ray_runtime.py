@@ -507,7 +507,7 @@ class RayRuntime(Runtime):
             for v, report in out.items():
                 again |= take(v, report) and kind == "progress"
             if again:
-                keep_polling(a)
+                repoll.add(a)  # once the round is known not to stop on this news (see below)
 
         def take(w: int, out: dict) -> bool:
             """One worker's report; True if its actor should stay polled for it."""
@@ -584,6 +584,7 @@ class RayRuntime(Runtime):
                 if item is not None:
                     handle(item)
 
+        repoll: set[int] = set()  # actors whose long poll answered and should stay polled
         begin(sorted(self._alive))
         failures = 0
         while True:
@@ -592,6 +593,11 @@ class RayRuntime(Runtime):
                 tally, h = decide()
                 if tally.done:
                     break
+                # Poll again only now: a poll renewed on the news that stops the round would be
+                # dropped at once, a call and a reply for nothing on the round's critical path.
+                for a in sorted(repoll):
+                    keep_polling(a)
+                repoll.clear()
                 self._check_needed(lambda: alg.can_finish([w in self._alive for w in range(n)]))
                 extend(tally)
                 ask_laggards(h)
@@ -602,9 +608,11 @@ class RayRuntime(Runtime):
             # -- stop: halt the computing workers (restarted workers rejoin next round) ---
             halts: dict[int, list[int]] = {}
             for w in sorted(self._alive) if server or self.inject else ():  # else the AllReduce call halts
-                # a waiting worker has nothing in flight, and starts nothing unless it may go on
-                # past its target after a while (a finite horizon)
-                if not waiting[w] or horizon[w] < INF:
+                # A waiting worker has nothing in flight, and starts nothing unless it may go on
+                # past its target after a while (a finite horizon). With cancel: true such a
+                # worker needs no halt: the next round's begin, sent at once, cancels a job it
+                # started in the meantime before it completes.
+                if not waiting[w] or (horizon[w] < INF and not self.cancel):
                     halts.setdefault(self._host_of[w], []).append(w)
             for a, ws in halts.items():
                 self._call("halt", None, self._actors[a].halt.remote(r, ws, self._seen(ws)), a)

@@ -49,8 +49,11 @@ def _import_ray():
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
     # Ray announces at every start that token authentication is on (apga wants it on): not a
-    # warning that needs the user.
-    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    # warning that needs the user. Set once: setLevel clears every logger's cache, and the Ray
+    # runtime imports through here several times per round.
+    quiet = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if quiet.level != logging.ERROR:
+        quiet.setLevel(logging.ERROR)
     return ray
 
 
