@@ -48,6 +48,15 @@ def config(name="rennala_nigt", aggregation="server", env="CartPole-v1", n=2, **
     })
 
 
+def batched_config():
+    """Rennala NIGT, M = 8 on 2 workers, rollouts of up to 8 trajectories: a worker's share of a
+    round is one batch."""
+    return load_config({**_as_dict(config("rennala_nigt", "server")),
+                        "policy": {"hidden": [16, 16], "rollout_batch": 8},
+                        "algorithm": {"name": "rennala_nigt", "batch_size": 8, "step_size": 0.05,
+                                      "momentum": 0.5}})
+
+
 def simulator_for(cfg):
     sim_cfg = load_config({**_as_dict(cfg), "runtime": {"name": "sim", "streams": cfg.runtime.streams}})
     oracle = build_oracle(sim_cfg)
@@ -172,10 +181,7 @@ class TestLocal:
         import copy
         from apga.oracle.base import WorkerBatch
         from apga.runtime.ray_runtime import round_targets
-        cfg = load_config({**_as_dict(config("rennala_nigt", "server")),
-                           "policy": {"hidden": [16, 16], "rollout_batch": 8},
-                           "algorithm": {"name": "rennala_nigt", "batch_size": 8, "step_size": 0.05,
-                                         "momentum": 0.5}})
+        cfg = batched_config()
         oracle = build_oracle(cfg)
         rt = build_runtime(cfg, oracle)
         last = None
@@ -243,10 +249,7 @@ class TestLocal:
         cores = sorted(os.sched_getaffinity(0))
         if len(cores) < 2:
             pytest.skip("needs 2 cores")
-        cfg = load_config({**_as_dict(config("rennala_nigt", "server")),
-                           "policy": {"hidden": [16, 16], "rollout_batch": 8},
-                           "algorithm": {"name": "rennala_nigt", "batch_size": 8, "step_size": 0.05,
-                                         "momentum": 0.5}})
+        cfg = batched_config()
         oracle = build_oracle(cfg)
         rt = build_runtime(cfg, oracle)
         hog = None
