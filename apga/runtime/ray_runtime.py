@@ -609,10 +609,9 @@ class RayRuntime(Runtime):
             halts: dict[int, list[int]] = {}
             for w in sorted(self._alive) if server or self.inject else ():  # else the AllReduce call halts
                 # A waiting worker has nothing in flight, and starts nothing unless it may go on
-                # past its target after a while (a finite horizon). With cancel: true such a
-                # worker needs no halt: the next round's begin, sent at once, cancels a job it
-                # started in the meantime before it completes.
-                if not waiting[w] or (horizon[w] < INF and not self.cancel):
+                # past its target after a while (a finite horizon): halted, it stays idle while
+                # the driver is busy between rounds (evaluation, checkpoints).
+                if not waiting[w] or horizon[w] < INF:
                     halts.setdefault(self._host_of[w], []).append(w)
             for a, ws in halts.items():
                 self._call("halt", None, self._actors[a].halt.remote(r, ws, self._seen(ws)), a)
