@@ -192,7 +192,7 @@ def equal_cores(args) -> list[dict]:
         geo_text = f"{geo['estimate']:.2f} [{geo['low']:.2f}, {geo['high']:.2f}]"
         # where a Ray update's time goes: median wall ms per update, and of it the stop .. update
         # part (halts, uploads or the AllReduce, the step), over all pairs' updates after the first
-        ms = {rt: 1000 * statistics.median(p[rt]["wall"] / (row["updates"]) for p in pairs) for rt in ("sim", "ray")}
+        ms = {rt: 1000 * statistics.median(p[rt]["wall"] / row["updates"] for p in pairs) for rt in ("sim", "ray")}
         stop_ms = 1000 * statistics.median(x for p in pairs for x in p["ray"]["reduce"][1:])
         print(f" {row['env']:<11} {row['n']:>3} {name:<22} {sim_sps:>10.0f} {ray_sps:>9.0f} "
               f"{statistics.median(ratios):>8.2f} {spread:>13} {geo_text:>20} {computed:>9} {used:>6} "

@@ -531,7 +531,8 @@ def test_a_begin_cancels_a_rollout_of_the_last_round_still_running(cancel):
     body runs in this process: the order of the calls is the point, not Ray."""
     from apga.runtime.ray_worker import WorkerActor
     cfg = config(env="Pendulum-v1", n=1)
-    spec = {"n": 1, "times": None, "inject": False, "cancel": cancel, "batch": 400,
+    long_round = 400  # 400 Pendulum trajectories of 100 steps: one rollout (batch) of seconds
+    spec = {"n": 1, "times": None, "inject": False, "cancel": cancel, "batch": long_round,
             "oracle_factory": lambda: build_oracle(cfg), "release": False, "aggregation": "server"}
     actor = WorkerActor([0], spec)
     try:
@@ -541,7 +542,6 @@ def test_a_begin_cancels_a_rollout_of_the_last_round_still_running(cancel):
             # round start, late, target), as the driver sends it
             actor.begin_all([(0, r, point, 0, None, origin, cancel, None, time.time(), False, target)])
 
-        long_round = 400  # 400 Pendulum trajectories of 100 steps: one rollout of seconds
         begin(1, long_round)
         deadline = time.monotonic() + 60
         while actor.slots[0].job_stop is None:  # the compute thread has taken the rollout
