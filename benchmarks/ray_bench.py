@@ -18,6 +18,9 @@ round one batched rollout of exactly the M consumed trajectories).
 (Reacher-v5 H = 50 and Hopper-v5 H = 1000; n = 2 and 10; Rennala NIGT with server and with
 AllReduce aggregation, and AFedPG): the simulator with ``runtime.processes`` = cores against Ray
 with the same number of CPUs, side by side, with the trajectories each computed and used.
+``--ray-calls-too`` adds, to every pair, a third run: Ray with ``runtime.direct_calls: false``
+(every call a Ray actor call, as before the direct links), so that the links' effect is paired
+too; ``--matrix-env`` keeps one env of the matrix.
 
 A script, not a test: it takes minutes. It starts one local (loopback) Ray instance and removes it.
 """
@@ -100,7 +103,7 @@ MATRIX_METHODS = (("rennala_nigt", "server"), ("rennala_nigt", "allreduce"), ("a
 
 
 def matrix_cfg(env: str, horizon: int, n: int, method: str, aggregation: str, runtime: str, updates: int,
-               cores: int, args):
+               cores: int, args, direct_calls: bool = True):
     alg = {"name": method, "step_size": args.step_size}
     if method == "rennala_nigt":
         alg.update(batch_size=args.batch, aggregation=aggregation, momentum=0.1)
@@ -109,7 +112,8 @@ def matrix_cfg(env: str, horizon: int, n: int, method: str, aggregation: str, ru
         "env": {"id": env, "horizon": horizon},
         "workers": {"n": n, "compute_time": {"shape": "sqrt", "scale": args.scale}, "comm_time": 0.0},
         "algorithm": alg,
-        "runtime": {"name": runtime, "inject_delays": False, "processes": cores if runtime == "sim" else 1},
+        "runtime": {"name": runtime, "inject_delays": False, "processes": cores if runtime == "sim" else 1,
+                    "direct_calls": direct_calls},
         "budget": {"iterations": updates},
         "eval": {"every": 0},
     })
@@ -146,12 +150,13 @@ def equal_cores(args) -> list[dict]:
     """Env steps of used trajectories per wall second, simulator (processes = cores) vs Ray
     (a local instance with that many CPUs), for every setting of the matrix; ``--repeats`` pairs
     per setting, the pair's two runs back to back (Ray first in odd pairs, the simulator first
-    in even ones), and the ratio of each pair."""
+    in even ones), and the ratio of each pair. With ``--ray-calls-too`` a pair is three runs,
+    Ray without direct links ("ray_calls") the third, their order rotating from pair to pair."""
     cores = args.cores
     rows = []
     session = ray_session.start_local(num_cpus=cores)
     try:  # each setting on Ray, then at once on the simulator: a change of machine speed hits both
-        for env, horizon in MATRIX_ENVS:
+        for env, horizon in [e for e in MATRIX_ENVS if args.matrix_env in (None, e[0])]:
             for n in (2, 10):
                 for method, aggregation in MATRIX_METHODS:
                     # the same trajectories for every method: --rounds rounds of M, or M x --rounds updates
@@ -160,12 +165,16 @@ def equal_cores(args) -> list[dict]:
                            "updates": updates, "pairs": []}
                     for k in range(args.repeats):
                         pair = {}
-                        for runtime in ("ray", "sim") if k % 2 == 0 else ("sim", "ray"):
-                            cfg = matrix_cfg(env, horizon, n, method, aggregation, runtime, updates + 1, cores, args)
+                        kinds = ("ray", "sim", "ray_calls") if args.ray_calls_too else ("ray", "sim")
+                        for kind in kinds[k % len(kinds):] + kinds[:k % len(kinds)]:
+                            cfg = matrix_cfg(env, horizon, n, method, aggregation, kind.split("_")[0], updates + 1,
+                                             cores, args, direct_calls=kind != "ray_calls")
                             quiet()
-                            pair[runtime] = run(cfg, updates + 1, warmup=1)
+                            pair[kind] = run(cfg, updates + 1, warmup=1)
                         row["pairs"].append(pair)
-                        print(f"  {env} n={n} {method}/{aggregation}: Ray {steps_per_s(pair['ray']):.0f}, "
+                        calls = (f", Ray without links {steps_per_s(pair['ray_calls']):.0f}"
+                                 if "ray_calls" in pair else "")
+                        print(f"  {env} n={n} {method}/{aggregation}: Ray {steps_per_s(pair['ray']):.0f}{calls}, "
                               f"simulator {steps_per_s(pair['sim']):.0f} steps/s", flush=True)
                     rows.append(row)
     finally:
@@ -204,6 +213,21 @@ def equal_cores(args) -> list[dict]:
                     "ray_computed": computed, "ray_used": used, "ray_wasted": computed - used,
                     "sim_wasted": sim_wasted, "sim_ms_per_update": ms["sim"], "ray_ms_per_update": ms["ray"],
                     "ray_stop_to_update_ms": stop_ms})
+        if "ray_calls" in pairs[0]:
+            without = [steps_per_s(p["ray_calls"]) / steps_per_s(p["sim"]) for p in pairs]
+            gain = [steps_per_s(p["ray"]) / steps_per_s(p["ray_calls"]) for p in pairs]
+            ci = bootstrap_interval(np.log(gain), np.mean)
+            out[-1].update(ratio_ray_calls=statistics.median(without), ratios_ray_calls=without,
+                           link_gain=statistics.median(gain), link_gains=gain,
+                           link_gain_geomean=math.exp(ci["estimate"]),
+                           link_gain_geomean_ci90=[math.exp(ci["low"]), math.exp(ci["high"])],
+                           ray_calls_ms_per_update=1000 * statistics.median(
+                               p["ray_calls"]["wall"] / row["updates"] for p in pairs))
+            print(f" {'':<11} {'':>3} {'  without links':<22} Ray/sim {statistics.median(without):.2f} "
+                  f"({min(without):.2f}, {max(without):.2f}); with / without links "
+                  f"{statistics.median(gain):.2f}, geo mean {math.exp(ci['estimate']):.2f} "
+                  f"[{math.exp(ci['low']):.2f}, {math.exp(ci['high']):.2f}]; "
+                  f"ms/update {out[-1]['ray_calls_ms_per_update']:.1f}")
     try:
         load = os.getloadavg()
         print(f" machine: {os.cpu_count()} cores, load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}")
@@ -230,6 +254,10 @@ def main() -> None:
                    help="--equal-cores: simulator processes and Ray CPUs (default: this machine's cores)")
     p.add_argument("--repeats", type=int, default=1,
                    help="--equal-cores: pairs of runs per setting (the ratio is their median; try 3)")
+    p.add_argument("--ray-calls-too", action="store_true",
+                   help="--equal-cores: a third run per pair, Ray with runtime.direct_calls: false")
+    p.add_argument("--matrix-env", default=None, choices=[e for e, _ in MATRIX_ENVS],
+                   help="--equal-cores: only this env of the matrix")
     args = p.parse_args()
     if args.repeats < 1:
         p.error(f"--repeats must be >= 1, got {args.repeats}")

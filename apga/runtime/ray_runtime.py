@@ -51,6 +51,7 @@ import atexit
 import functools
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 
@@ -59,6 +60,7 @@ import ray  # noqa: F401  (missing Ray fails here: build_runtime turns that into
 
 from apga.errors import ApgaError
 from apga.protocol.base import RoundTally, Update
+from apga.runtime import link
 from apga.runtime.ray_worker import INF, WorkerActor, digest, reduction_of
 from apga.runtime.base import Event, Runtime, Totals
 
@@ -69,6 +71,7 @@ WAKE = 0.5  # seconds the driver waits at most between checks of lost workers
 ACTOR_CONCURRENCY = 8  # call threads per actor (progress, halt, reduce, ... run concurrently)
 START_TIMEOUT = 300.0  # seconds for all actors to come up
 INLINE_BYTES = 64 * 1024  # points up to this size go inline with the calls (Ray inlines < 100 KiB)
+MIXED_POLL = 0.005  # seconds between checks of Ray calls while link calls are waited for too
 
 
 @dataclass
@@ -195,6 +198,7 @@ class RayRuntime(Runtime):
             self.oracle_factory = functools.partial(_default_oracle, self.cfg)
         self._session = None
         self._actors = None  # the actor handles, one per group of hosted workers
+        self._links: list = []  # actor -> its direct link (apga.runtime.link), or None: Ray calls
         self._host_of: list[int] = []  # worker -> index of the actor that hosts it
         self._groups: list[list[int]] = []  # actor -> the workers it hosts
         self._alive: set[int] = set()
@@ -213,6 +217,7 @@ class RayRuntime(Runtime):
         state = self.__dict__.copy()
         for key in ("oracle", "times", "_session", "_actors"):
             state[key] = None
+        state["_links"] = []
         state.pop("status", None)
         state["_calls"] = {}
         if not isinstance(self.oracle_factory, functools.partial):
@@ -241,9 +246,12 @@ class RayRuntime(Runtime):
             self._groups = host_groups(self.n, cpus, not self.inject)
             self._host_of = [a for a, group in enumerate(self._groups) for _ in group]
             per_actor = math.floor(min(1.0, cpus / len(self._groups)) * 1e4) / 1e4  # Ray's resource granularity
+            # a fresh secret per start: only this driver can open the actors' links
+            authkey = os.urandom(32) if self.cfg.runtime.direct_calls else None
             spec = {"n": self.n, "times": self.times, "inject": self.inject, "cancel": self.cancel,
                     "oracle_factory": self.oracle_factory, "batch": self.cfg.policy.rollout_batch,
-                    "release": not shared, "aggregation": self.aggregation}
+                    "release": not shared, "aggregation": self.aggregation, "authkey": authkey,
+                    "link_threads": ACTOR_CONCURRENCY * max(map(len, self._groups))}
             if self._session is not None:
                 self.say(f"ray: up in {time.monotonic() - t0:.1f} s ({cpus:g} CPUs)")
             actors = len(self._groups)
@@ -263,6 +271,10 @@ class RayRuntime(Runtime):
                                 "check `ray status` (CPUs, memory) and that apga is installed on every node") from None
             except ray.exceptions.RayActorError as exc:
                 raise ApgaError(f"runtime: a worker actor failed to start: {str(exc).splitlines()[0]}") from None
+            self._authkey = authkey
+            self._links = [None] * actors
+            for a, group in enumerate(self._groups):
+                self._connect(a, self.worker_info[group[0]])
             self._alive = set(range(self.n))
             # what each worker's reports have brought so far, per actor incarnation
             self._incarnation: list[str | None] = [None] * self.n
@@ -281,6 +293,10 @@ class RayRuntime(Runtime):
         """Kill the worker actors; shut down (and delete) the Ray instance if this runtime started it."""
         actors, self._actors = self._actors, None
         self._calls = {}
+        links, self._links = self._links, []
+        for ln in links:
+            if ln is not None:
+                ln.close()
         if actors:
             ray = _ray()
             for a in actors:
@@ -298,6 +314,56 @@ class RayRuntime(Runtime):
     def _host(self, w: int):
         """The handle of the actor that hosts worker ``w`` (calls about ``w`` take it first)."""
         return self._actors[self._host_of[w]]
+
+    def _connect(self, a: int, info: dict) -> None:
+        """Open (or reopen, for a new incarnation) actor ``a``'s direct link; without one (the
+        link is off, or cannot connect, e.g. a firewall between nodes) its calls go through Ray."""
+        old = self._links[a]
+        if info.get("link") is None or (old is not None and not old.lost and old.incarnation == info["incarnation"]):
+            return
+        if old is not None:
+            old.close()
+        try:
+            self._links[a] = link.Link(info["link"], self._authkey)
+            self._links[a].incarnation = info["incarnation"]
+        except OSError as exc:
+            self._links[a] = None
+            log.warning("no direct link to the actor of workers %s at %s (%s): its calls go through Ray",
+                        self._groups[a], info["link"], exc)
+
+    def _send(self, a: int, method: str, *args):
+        """Call ``method`` of actor ``a``: over its link if it has one, else as a Ray call; the
+        handle goes in ``_calls`` and comes back from :meth:`_wait` / :meth:`_gather`."""
+        ln = self._links[a] if a < len(self._links) else None
+        if ln is not None:
+            return ln.call(method, *args)
+        return getattr(self._actors[a], method).remote(*args)
+
+    def _first_ready(self, handles: list, timeout: float):
+        """The first of ``handles`` (link calls and Ray refs) to finish within ``timeout``, or None."""
+        ray = _ray()
+        calls = [h for h in handles if isinstance(h, link.Call)]
+        refs = [h for h in handles if not isinstance(h, link.Call)]
+        if not calls:
+            ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+            return ready[0] if ready else None
+        if not refs:
+            done = link.wait(calls, timeout)
+            return done[0] if done else None
+        deadline = time.monotonic() + timeout
+        while True:  # both kinds (a restarted actor's probe while a round runs): alternate
+            done = link.wait(calls, min(MIXED_POLL, max(0.0, deadline - time.monotonic())))
+            if done:
+                return done[0]
+            ready, _ = ray.wait(refs, num_returns=1, timeout=0)
+            if ready:
+                return ready[0]
+            if time.monotonic() >= deadline:
+                return None
+
+    @staticmethod
+    def _result(handle):
+        return handle.result() if isinstance(handle, link.Call) else _ray().get(handle)
 
     def _tally_reported(self, w: int, out: dict, version: int) -> None:
         """Take a report's running totals (completed trajectories, timing rows) into the run's:
@@ -352,17 +418,16 @@ class RayRuntime(Runtime):
         if not refs:
             time.sleep(timeout)
             return None
-        ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
-        if not ready:
+        ref = self._first_ready(refs, timeout)
+        if ref is None:
             return None
-        ref = ready[0]
         kind, w, extra = self._calls.pop(ref)
         try:
-            return kind, w, extra, ray.get(ref), None
-        except ray.exceptions.RayActorError as exc:
+            return kind, w, extra, self._result(ref), None
+        except (ray.exceptions.RayActorError, link.LinkLost) as exc:
             self._lost(w if w is not None else self._groups[extra][0], kind, exc)
             return kind, w, extra, None, exc
-        except ray.exceptions.RayTaskError as exc:
+        except (ray.exceptions.RayTaskError, link.RemoteError) as exc:
             who = f"worker {w}" if w is not None else f"the actor of workers {self._groups[extra]}"
             raise ApgaError(f"{who} failed in {kind}: {_first_line(exc)}") from exc
 
@@ -374,6 +439,12 @@ class RayRuntime(Runtime):
         if kind == "ready" and isinstance(exc, ray.exceptions.ActorDiedError):
             self._gone.add(w)
             log.warning("worker %d is dead for good (restarts exhausted or node gone)", w)
+            return
+        if kind == "ready":
+            # Only the probe failed: sent before Ray knew of the death (a link sees it first),
+            # it met the dead process. Probe again; the actor's other workers may be back already.
+            if w not in self._alive and w not in self._gone:
+                self._call("ready", w, self._host(w).info.remote(w))
             return
         actor = self._host_of[w]
         for v in self._groups[actor]:
@@ -395,6 +466,7 @@ class RayRuntime(Runtime):
         self.restarts += 1
         if len(self.worker_info) == self.n:
             self.worker_info[w] = info
+        self._connect(self._host_of[w], info)
         if self.aggregation == "allreduce":
             _ray().get(self._host(w).set_protocol.remote(self.alg))
             self.totals.vector_comms += 1
@@ -459,9 +531,9 @@ class RayRuntime(Runtime):
                      for w in self._groups[a] if w in self._alive}
             seen = self._seen(since)
             if begins:
-                ref = self._actors[a].begin_all.remote(begins, since, timeout, seen)
+                ref = self._send(a, "begin_all", begins, since, timeout, seen)
             elif since:
-                ref = self._actors[a].progress.remote(r, since, timeout, seen)
+                ref = self._send(a, "progress", r, since, timeout, seen)
             else:
                 return
             self._call(kind, None, ref, a)
@@ -562,7 +634,7 @@ class RayRuntime(Runtime):
             now = time.time() - round_wall
             for w in live:
                 if waiting[w] and extra[w] > 0:
-                    self._host(w).extend.remote(w, r, extra[w])
+                    self._send(self._host_of[w], "extend", w, r, extra[w])
                     # its next finishes come after this moment; nothing earlier is unreported, and
                     # a report from before the extension (its stamp) must not raise the horizon;
                     # the long poll it has answers with the extension
@@ -573,7 +645,7 @@ class RayRuntime(Runtime):
         def resume() -> None:
             """After a worker was lost while stopping: the others continue the same round."""
             for w in sorted(self._alive):
-                self._host(w).resume.remote(w, r)
+                self._send(self._host_of[w], "resume", w, r)
                 horizon[w], busy[w], waiting[w] = -INF, True, False
             for a in sorted({self._host_of[w] for w in self._alive}):
                 keep_polling(a)
@@ -614,7 +686,7 @@ class RayRuntime(Runtime):
                 if not waiting[w] or horizon[w] < INF:
                     halts.setdefault(self._host_of[w], []).append(w)
             for a, ws in halts.items():
-                self._call("halt", None, self._actors[a].halt.remote(r, ws, self._seen(ws)), a)
+                self._call("halt", None, self._send(a, "halt", r, ws, self._seen(ws)), a)
             # The halts' replies say all that is left to know (job counters final: a halted
             # worker starts nothing more), and are taken after the reduction, which needs none
             # of them (the consumed gradients are decided), so the two overlap. The polls still
@@ -659,21 +731,21 @@ class RayRuntime(Runtime):
         deadline = time.monotonic() + timeout
         pending = dict(calls)
         while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
-            if not ready:  # hung (a peer died mid-collective and the error did not propagate)
+            ready = self._first_ready(list(pending), max(0.0, deadline - time.monotonic()))
+            if ready is None:  # hung (a peer died mid-collective and the error did not propagate)
                 for ref, w in pending.items():
                     results[w] = TimeoutError(f"worker {w}: no answer within {timeout:g} s")
                 break
-            w = pending.pop(ready[0])
+            w = pending.pop(ready)
             if not per_actor:
                 self._ready_at[w] = time.time()
             try:
-                results[w] = ray.get(ready[0])
-            except ray.exceptions.RayActorError as exc:
+                results[w] = self._result(ready)
+            except (ray.exceptions.RayActorError, link.LinkLost) as exc:
                 v = self._groups[w][0] if per_actor else w
                 self._lost(v, "reduce", exc)
                 lost.extend(u for u in self._groups[self._host_of[v]] if u not in lost)
-            except ray.exceptions.RayTaskError as exc:
+            except (ray.exceptions.RayTaskError, link.RemoteError) as exc:
                 if self.aggregation == "allreduce":  # gloo error: a peer of this collective died?
                     results[w] = exc
                 else:
@@ -736,8 +808,7 @@ class RayRuntime(Runtime):
         epoch = self._ensure_group()
         members = self._group  # actor indices, in rank order
         # in real time the call halts the round's workers too (no halt calls were sent)
-        calls = {self._actors[a].allreduce.remote(r, {w: counts[w] for w in self._groups[a]}, epoch,
-                                                  not self.inject): a
+        calls = {self._send(a, "allreduce", r, {w: counts[w] for w in self._groups[a]}, epoch, not self.inject): a
                  for a in members}
         results, lost = self._gather(calls, timeout=max(10.0, min(self.worker_timeout, 60.0)) + POLL,
                                      per_actor=True)

@@ -265,6 +265,12 @@ class WorkerActor:
         self.pg = None  # gloo process group (AllReduce mode)
         self.group_epoch = -1
         self._listen: socket.socket | None = None
+        self.link = None  # the driver's direct link (apga.runtime.link), when it asks for one
+        if spec.get("authkey"):
+            import ray
+            from apga.runtime.link import LinkServer
+            self.link = LinkServer(self, ray.util.get_node_ip_address(), spec["authkey"],
+                                   threads=spec.get("link_threads", 8))
         name = f"apga-worker-{min(self.slots)}" + (f"-{max(self.slots)}" if len(self.slots) > 1 else "")
         self.thread = threading.Thread(target=self._compute_loop, name=name, daemon=True)
         self.thread.start()
@@ -274,7 +280,8 @@ class WorkerActor:
         import ray
         ctx = ray.get_runtime_context()
         return {"worker": w, "pid": os.getpid(), "node_id": ctx.get_node_id(),
-                "ip": ray.util.get_node_ip_address(),
+                "ip": ray.util.get_node_ip_address(), "incarnation": self.incarnation,
+                "link": self.link.address if self.link is not None else None,
                 "restarted": ctx.was_current_actor_reconstructed}
 
     def set_protocol(self, protocol) -> str:
@@ -705,3 +712,5 @@ class WorkerActor:
             self.cv.notify_all()
         self.leave_group()
         self._close_listen()
+        if self.link is not None:
+            self.link.close()
