@@ -97,7 +97,7 @@ class RuntimeConfig:
     worker_timeout: float = 120.0  # ray: seconds to wait for a crashed worker to come back
     max_restarts: int = 3  # ray: restarts per crashed worker actor before the run fails
     # ray: the round's calls (begin, progress, halt, AllReduce) go over a direct authenticated
-    # socket per actor (about 1/20 of a Ray actor call's latency); false: Ray actor calls only
+    # socket per actor (a tenth of a Ray actor call's latency or less); false: Ray actor calls only
     direct_calls: bool = True
 
 

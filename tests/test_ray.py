@@ -148,20 +148,25 @@ class TestLocal:
             if sim_oracle is not None:
                 sim_oracle.close()
 
-    @pytest.mark.parametrize("name", ["rennala_nigt", "malenia_nigt", "rennala_pg"])
-    def test_rounds_consume_what_the_simulator_consumes_ties_included(self, name):
+    @pytest.mark.parametrize("name,direct", [("rennala_nigt", True), ("rennala_nigt", False),
+                                             ("malenia_nigt", True), ("rennala_pg", True)])
+    def test_rounds_consume_what_the_simulator_consumes_ties_included(self, name, direct):
         """Injected delays on binary-exact times (h = 1/16, 1/8, 1/8, 1/4 s) make finishes tie
         exactly; both runtimes apply the protocol's one consumption rule to the same nominal
         times, so every round consumes the same gradients per worker (ties at the stop
         included) and, with round streams and server aggregation, the iterates are equal bit
-        for bit."""
+        for bit; the same whether the round's calls go over the direct links or through Ray."""
+        from apga.runtime.link import Link
         cfg = load_config({**_as_dict(config(name, "server", env="synthetic", n=4, inject_delays=True,
-                                             streams="round", compute_time=[0.0625, 0.125, 0.125, 0.25])),
+                                             streams="round", compute_time=[0.0625, 0.125, 0.125, 0.25],
+                                             direct_calls=direct)),
                            "algorithm": {"name": name, "batch_size": 3, "step_size": 0.05, "momentum": 0.5}})
         oracle = build_oracle(cfg)
         rt = build_runtime(cfg, oracle)
         sim, sim_oracle = simulator_for(cfg)
         try:
+            rt.start()
+            assert all(isinstance(ln, Link) if direct else ln is None for ln in rt._links) and len(rt._links) == 4
             for _ in range(3):
                 ev, sim_ev = rt.step(), sim.step()
                 assert ev.counts == sim_ev.counts
@@ -315,6 +320,8 @@ class TestLocal:
                     break
                 assert time.monotonic() < deadline
             assert rt.worker_pids()[2] not in pids and rt.resyncs == 0
+            # the driver's link to that actor leads to its new incarnation
+            assert not rt._links[1].lost and rt._links[1].incarnation == rt.worker_info[2]["incarnation"]
             if aggregation == "allreduce":
                 assert rt._group == [0, 1]
         finally:

@@ -1,10 +1,10 @@
 """A direct request/reply link between the Ray runtime's driver and one worker actor.
 
 Why: the calls of a round (begin, the progress long poll, halt, AllReduce) sit on its critical
-path, and a Ray actor call costs about 0.9-1.2 ms round trip on the 2-core machine apga is
-benchmarked on (2.1 ms median, 7.9 ms p90 with both cores busy computing), a message over a
-loopback socket 0.02-0.05 ms (``python benchmarks/call_latency.py``; figures in
-benchmarks/README.md). On Reacher-v5's 20-30 ms rounds that is a tenth of the round.
+path, and a Ray actor call costs 1.0-1.7 ms round trip on the 2-core machine apga is
+benchmarked on (p90 up to 7.9 ms with both cores busy computing), a call over this link
+0.06-0.28 ms (``python benchmarks/call_latency.py``; figures in benchmarks/README.md). A
+Reacher-v5 round lasts 20-30 ms and makes three such calls one after the other.
 
 The link is :mod:`multiprocessing.connection` over TCP: the actor listens on its node's IP
 (a port the OS picks) with an HMAC challenge on a per-run secret key that the driver hands
