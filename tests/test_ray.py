@@ -388,6 +388,7 @@ class TestLocal:
         rt = state["runtime"]
         assert rt.totals.iteration == 6 and rt._actors is None and rt.clock == m["time"][-1]
         assert sum(rt.next_job) >= 6
+        assert rt._authkey is None and rt._links == []  # the links' secret stays out of the file
 
     def test_cancellation_is_immediate_and_discarding_waits(self):
         """Worker 1 is 20x slower (injected). With cancel, its trajectory in flight is abandoned at

@@ -199,6 +199,7 @@ class RayRuntime(Runtime):
         self._session = None
         self._actors = None  # the actor handles, one per group of hosted workers
         self._links: list = []  # actor -> its direct link (apga.runtime.link), or None: Ray calls
+        self._authkey: bytes | None = None  # the links' secret, made at each start
         self._host_of: list[int] = []  # worker -> index of the actor that hosts it
         self._groups: list[list[int]] = []  # actor -> the workers it hosts
         self._alive: set[int] = set()
@@ -217,7 +218,7 @@ class RayRuntime(Runtime):
         state = self.__dict__.copy()
         for key in ("oracle", "times", "_session", "_actors"):
             state[key] = None
-        state["_links"] = []
+        state["_links"], state["_authkey"] = [], None  # a run's secret never goes into a checkpoint
         state.pop("status", None)
         state["_calls"] = {}
         if not isinstance(self.oracle_factory, functools.partial):
