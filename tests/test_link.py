@@ -122,3 +122,17 @@ def test_a_dead_peer_fails_every_open_call_at_once():
     finally:
         proc.kill()
         proc.join()
+
+
+def test_connecting_where_nothing_listens_fails_with_an_os_error_within_the_timeout():
+    """What the runtime falls back to Ray calls on (an OSError), after the connect timeout, not
+    after the kernel's own minutes."""
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # a port nobody listens on
+    t0 = time.monotonic()
+    with pytest.raises(OSError):
+        link.Link(("127.0.0.1", port), os.urandom(32), timeout=0.3)
+    assert time.monotonic() - t0 < 30  # only catches a hang

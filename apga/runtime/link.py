@@ -173,6 +173,9 @@ def _connect(address, authkey: bytes, timeout: float):
     deadline = time.monotonic() + timeout
     while True:
         try:
+            # Client has no timeout: where a firewall drops the packets it would hang for minutes,
+            # so a bare connection must answer first (the listener drops it at the challenge).
+            socket.create_connection(address, timeout=max(1.0, deadline - time.monotonic())).close()
             conn = Client(address, family="AF_INET6" if ":" in address[0] else "AF_INET", authkey=authkey)
             _no_delay(conn)
             return conn
