@@ -148,6 +148,26 @@ class TestLocal:
             if sim_oracle is not None:
                 sim_oracle.close()
 
+    @pytest.mark.parametrize("direct", [True, False])
+    def test_a_point_over_the_inline_size_reaches_every_worker(self, direct):
+        """Server aggregation with a policy of 17,794 parameters (139 KB, over INLINE_BYTES): the
+        point travels by value over the links, or once through the object store (a reference
+        the actor resolves) without them; either way the rounds consume M gradients computed at
+        the driver's point (the uploads' fingerprints are checked against it)."""
+        from apga.runtime.ray_runtime import INLINE_BYTES
+        cfg = load_config({**_as_dict(config("rennala_nigt", "server", direct_calls=direct)),
+                           "policy": {"hidden": [128, 128], "rollout_batch": 1}})
+        oracle = build_oracle(cfg)
+        rt = build_runtime(cfg, oracle)
+        try:
+            assert rt.alg.round_point().nbytes > INLINE_BYTES
+            for it in range(2):
+                ev = rt.step()
+                assert sum(ev.counts) == M and rt.alg.version == it + 1
+        finally:
+            rt.close()
+            oracle.close()
+
     @pytest.mark.parametrize("name,direct", [("rennala_nigt", True), ("rennala_nigt", False),
                                              ("malenia_nigt", True), ("rennala_pg", True)])
     def test_rounds_consume_what_the_simulator_consumes_ties_included(self, name, direct):

@@ -15,38 +15,98 @@ methods a link may call are listed in :data:`CALLS`.
 
 Failures: when the actor's process dies its socket closes, and every call still open on the
 link fails with :class:`LinkLost` at once (the driver treats it as Ray's ``RayActorError``:
-the actor is lost, Ray restarts it, and the driver connects to the new incarnation). A call
-that raised in the actor fails with :class:`RemoteError`, carrying the exception's last line.
+the actor is lost, Ray restarts it, and the driver connects to the new incarnation). A node
+that vanishes without closing its sockets (a crash, a cut cable) is found by TCP keepalive and
+``TCP_USER_TIMEOUT``: within about :data:`DEAD_PEER` seconds every call on the link fails the
+same way. A call that raised in the actor fails with :class:`RemoteError`, carrying the
+exception's last line. A connection that cannot be made (nothing listens, a firewall, a wrong
+key, a peer gone during the handshake) raises :class:`LinkRefused`, an ``OSError``, within the
+connect timeout.
+
+Only the handshake is authenticated; the messages after it are neither signed nor encrypted,
+as Ray's own are not without TLS. With Ray's TLS on (``RAY_USE_TLS``), the runtime does not use
+links (apga.runtime.ray_runtime).
 """
 from __future__ import annotations
 
 import itertools
 import socket
+import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from multiprocessing.connection import Client, Listener
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
 from multiprocessing.connection import wait as wait_readable
 
 # The worker actor's methods a link may call (nothing else is dispatched).
 CALLS = frozenset({"begin_all", "progress", "halt", "extend", "resume", "allreduce"})
+HANDSHAKE = 10.0  # seconds the HMAC challenge may take on either side
+DEAD_PEER = 30  # seconds after which a silent peer counts as gone (keepalive, unacknowledged data)
 
 
 class LinkLost(ConnectionError):
-    """The actor's end of the link closed (its process died)."""
+    """The actor's end of the link closed (its process died) or went silent (its node did)."""
+
+
+class LinkRefused(ConnectionError):
+    """No link could be made (the runtime then calls that actor through Ray)."""
 
 
 class RemoteError(RuntimeError):
     """The called method raised in the actor."""
 
 
+def _timeouts(sock: socket.socket, seconds: float) -> None:
+    """Kernel send / receive timeouts on a blocking socket (0: none); a Connection built on the
+    descriptor keeps them."""
+    tv = struct.pack("ll", int(seconds), int((seconds % 1) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+
+
+def _tune(sock: socket.socket) -> None:
+    """TCP_NODELAY: a message over 16 KiB goes out as a header and a body, and with Nagle's
+    algorithm against the peer's delayed ACK the body waited 40 ms (a 41 KB call took 88 ms).
+    Keepalive and TCP_USER_TIMEOUT: a peer that vanished without closing is found."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 4),
+                        ("TCP_USER_TIMEOUT", DEAD_PEER * 1000)):
+        if hasattr(socket, name):  # Linux; elsewhere the system's defaults apply
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+
+
+def _handshake(sock: socket.socket, authkey: bytes, server: bool) -> Connection:
+    """The HMAC challenge both ways (multiprocessing's), bounded by HANDSHAKE seconds."""
+    sock.setblocking(True)
+    _timeouts(sock, HANDSHAKE)
+    _tune(sock)
+    conn = Connection(sock.detach())
+    try:
+        if server:
+            deliver_challenge(conn, authkey)
+            answer_challenge(conn, authkey)
+        else:
+            answer_challenge(conn, authkey)
+            deliver_challenge(conn, authkey)
+        with socket.socket(fileno=conn.fileno()) as view:  # a view of the descriptor, detached below
+            _timeouts(view, 0.0)
+            view.detach()
+        return conn
+    except BaseException:
+        conn.close()
+        raise
+
+
 class LinkServer:
     """The actor's end: serves :data:`CALLS` on ``target`` for every connection it accepts."""
 
     def __init__(self, target, host: str, authkey: bytes, threads: int):
-        self.target = target
-        self.listener = Listener((host, 0), family="AF_INET6" if ":" in host else "AF_INET", authkey=authkey)
-        self.address = self.listener.address
+        self.target, self.authkey = target, authkey
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.create_server((host, 0), family=family)
+        self.address = self.sock.getsockname()[:2]
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="apga-link")
         self.closed = False
         threading.Thread(target=self._accept, name="apga-link-accept", daemon=True).start()
@@ -54,51 +114,62 @@ class LinkServer:
     def _accept(self) -> None:
         while not self.closed:
             try:
-                conn = self.listener.accept()  # the HMAC challenge runs here: a wrong key never gets a connection
-            except Exception:  # a failed handshake, or the listener closed
+                sock, _ = self.sock.accept()
+            except OSError:  # closed, or out of descriptors for a moment
+                time.sleep(0.05)
                 continue
-            _no_delay(conn)
-            threading.Thread(target=self._serve, args=(conn,), name="apga-link-read", daemon=True).start()
+            # each connection's handshake on its own thread: a peer that never answers holds up no other
+            threading.Thread(target=self._serve, args=(sock,), name="apga-link-read", daemon=True).start()
 
-    def _serve(self, conn) -> None:
+    def _serve(self, sock: socket.socket) -> None:
+        try:
+            conn = _handshake(sock, self.authkey, server=True)
+        except (OSError, EOFError, AuthenticationError):  # a wrong key, a silent or vanished peer
+            return
         lock = threading.Lock()  # replies come from several pool threads
         while True:
             try:
-                call_id, method, args = conn.recv()
-            except Exception:  # the driver went away (or sent what is not a call): drop the connection
+                call_id, method, args, reply = conn.recv()
+                self.pool.submit(self._run, conn, lock, call_id, method, args, reply)
+            except Exception:  # the driver went away, sent what is not a call, or the server closed
                 conn.close()
                 return
-            self.pool.submit(self._run, conn, lock, call_id, method, args)
 
-    def _run(self, conn, lock, call_id: int, method: str, args: tuple) -> None:
+    def _run(self, conn, lock, call_id: int, method: str, args: tuple, reply: bool) -> None:
         try:
             if method not in CALLS:
                 raise ValueError(f"{method!r} cannot be called over the link")
-            reply = (call_id, True, getattr(self.target, method)(*args))
-        except Exception as exc:  # reported to the driver, as a Ray task error would be
+            out = (call_id, True, getattr(self.target, method)(*args))
+        except BaseException as exc:  # reported to the driver, as a Ray task error would be
             text = str(exc).strip().splitlines()
-            reply = (call_id, False, f"{type(exc).__name__}: {text[-1] if text else ''}")
+            out = (call_id, False, f"{type(exc).__name__}: {text[-1] if text else ''}")
+        if not reply:
+            return
         with lock:
             try:
-                conn.send(reply)
+                conn.send(out)
             except OSError:  # the driver went away
                 pass
+            except Exception as exc:  # the reply cannot be pickled: say so rather than never answer
+                try:
+                    conn.send((call_id, False, f"the reply to {method} cannot be sent: {type(exc).__name__}: {exc}"))
+                except Exception:
+                    pass
 
     def close(self) -> None:
         self.closed = True
-        self.listener.close()
+        self.sock.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 class Call:
     """One call in flight on a link (hashable by identity, like a Ray ObjectRef)."""
 
-    __slots__ = ("link", "id", "done", "ok", "value", "sent")
+    __slots__ = ("link", "id", "done", "ok", "value")
 
     def __init__(self, link: "Link", call_id: int):
         self.link, self.id = link, call_id
         self.done, self.ok, self.value = False, False, None
-        self.sent = time.monotonic()
 
     def result(self):
         """The reply; raises :class:`LinkLost` or :class:`RemoteError` for a failed call."""
@@ -111,23 +182,30 @@ class Call:
 class Link:
     """The driver's end of one actor's link."""
 
-    def __init__(self, address, authkey: bytes, timeout: float = 10.0):
+    def __init__(self, address, authkey: bytes, timeout: float = HANDSHAKE):
         self.address = tuple(address)
         self.conn = _connect(self.address, authkey, timeout)
         self.ids = itertools.count()
         self.open: dict[int, Call] = {}
         self.lost = False
+        self.incarnation = None  # set by the runtime: the actor incarnation this link leads to
 
-    def call(self, method: str, *args) -> Call:
+    def call(self, method: str, *args, reply: bool = True) -> Call:
+        """Send a call; with ``reply=False`` the actor sends nothing back (the Call is done at once)."""
         c = Call(self, next(self.ids))
         if self.lost:
             self._fail(c)
             return c
-        self.open[c.id] = c
+        if reply:
+            self.open[c.id] = c
+        else:
+            c.done, c.ok = True, True
         try:
-            self.conn.send((c.id, method, args))
+            self.conn.send((c.id, method, args, reply))
         except OSError:
             self._lose()
+            if not reply:
+                self._fail(c)
         return c
 
     def _fail(self, c: Call) -> None:
@@ -147,7 +225,7 @@ class Link:
         """Take one reply (the connection is readable)."""
         try:
             call_id, ok, value = self.conn.recv()
-        except (EOFError, OSError):
+        except Exception:  # closed, reset, timed out mid-message, or not a reply
             self._lose()
             return
         c = self.open.pop(call_id, None)
@@ -159,30 +237,18 @@ class Link:
             self._lose()
 
 
-def _no_delay(conn) -> None:
-    """TCP_NODELAY: a message over 16 KiB goes out as a header and a body, and with Nagle's
-    algorithm against the peer's delayed ACK the body waited 40 ms (a 41 KB call took 88 ms)."""
-    sock = socket.socket(fileno=conn.fileno())  # a view of the connection's socket, not its own
+def _connect(address, authkey: bytes, timeout: float) -> Connection:
+    """A connection to a LinkServer (listening before its address is known, so a refusal is
+    final), or LinkRefused within about ``timeout`` seconds."""
     try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    finally:
-        sock.detach()
-
-
-def _connect(address, authkey: bytes, timeout: float):
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            # Client has no timeout: where a firewall drops the packets it would hang for minutes,
-            # so a bare connection must answer first (the listener drops it at the challenge).
-            socket.create_connection(address, timeout=max(1.0, deadline - time.monotonic())).close()
-            conn = Client(address, family="AF_INET6" if ":" in address[0] else "AF_INET", authkey=authkey)
-            _no_delay(conn)
-            return conn
-        except (ConnectionRefusedError, ConnectionResetError):  # the listener is not up yet
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
+        sock = socket.create_connection(address, timeout=timeout)
+        return _handshake(sock, authkey, server=False)
+    except ConnectionRefusedError:
+        raise LinkRefused(f"nothing answers at {address}") from None
+    except AuthenticationError:
+        raise LinkRefused(f"{address} refused the key (authentication failed)") from None
+    except (OSError, EOFError) as exc:  # a timeout (a firewall), a peer gone during the handshake
+        raise LinkRefused(f"no link to {address}: {type(exc).__name__}: {exc}") from None
 
 
 def wait(calls, timeout: float) -> list[Call]:

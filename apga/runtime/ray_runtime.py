@@ -247,8 +247,10 @@ class RayRuntime(Runtime):
             self._groups = host_groups(self.n, cpus, not self.inject)
             self._host_of = [a for a, group in enumerate(self._groups) for _ in group]
             per_actor = math.floor(min(1.0, cpus / len(self._groups)) * 1e4) / 1e4  # Ray's resource granularity
-            # a fresh secret per start: only this driver can open the actors' links
-            authkey = os.urandom(32) if self.cfg.runtime.direct_calls else None
+            # A fresh secret per start: only this driver can open the actors' links. The links'
+            # messages are not encrypted: where Ray's TLS is on, every call stays on Ray.
+            tls = os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true")
+            authkey = os.urandom(32) if self.cfg.runtime.direct_calls and not tls else None
             spec = {"n": self.n, "times": self.times, "inject": self.inject, "cancel": self.cancel,
                     "oracle_factory": self.oracle_factory, "batch": self.cfg.policy.rollout_batch,
                     "release": not shared, "aggregation": self.aggregation, "authkey": authkey,
@@ -332,12 +334,13 @@ class RayRuntime(Runtime):
             log.warning("no direct link to the actor of workers %s at %s (%s): its calls go through Ray",
                         self._groups[a], info["link"], exc)
 
-    def _send(self, a: int, method: str, *args):
+    def _send(self, a: int, method: str, *args, reply: bool = True):
         """Call ``method`` of actor ``a``: over its link if it has one, else as a Ray call; the
-        handle goes in ``_calls`` and comes back from :meth:`_wait` / :meth:`_gather`."""
+        handle goes in ``_calls`` and comes back from :meth:`_wait` / :meth:`_gather`.
+        ``reply=False``: nobody waits for the answer, so the link sends none."""
         ln = self._links[a] if a < len(self._links) else None
         if ln is not None:
-            return ln.call(method, *args)
+            return ln.call(method, *args, reply=reply)
         return getattr(self._actors[a], method).remote(*args)
 
     def _first_ready(self, handles: list, timeout: float):
@@ -498,9 +501,19 @@ class RayRuntime(Runtime):
         r = self._round_id
         point = alg.round_point()
         point_digest = digest(point)
-        point_arg = None  # AllReduce: every worker takes the point from its own protocol copy
-        if server:  # a small point travels inline with each begin; a large one once, by reference
-            point_arg = point if point.nbytes <= INLINE_BYTES else ray.put(point)
+        point_ref: list = []  # a large point in the object store, put once (for Ray calls only)
+
+        def point_for(a: int):
+            """The point as actor ``a``'s begin carries it: None with AllReduce (every worker takes
+            it from its actor's protocol copy); by value over a link or when small; else one
+            object-store reference for the round (the actor resolves it)."""
+            if not server:
+                return None
+            if point.nbytes <= INLINE_BYTES or self._links[a] is not None:
+                return point
+            if not point_ref:
+                point_ref.append(ray.put(point))
+            return point_ref[0]
         quotas = [alg.quota(w) for w in range(n)]
         last = getattr(self, "_last_counts", None)
         # Expect the lost workers back if the round cannot close without them (a late begin
@@ -547,7 +560,7 @@ class RayRuntime(Runtime):
                 finishes[w], horizon[w], stamps[w], waiting[w], busy[w] = [], -INF, -1, False, True
                 uploads.pop(w, None)
                 by_actor.setdefault(self._host_of[w], []).append(
-                    (w, r, point_arg, self.next_job[w], quotas[w], self._origin, self.cancel, sample_round,
+                    (w, r, point_for(self._host_of[w]), self.next_job[w], quotas[w], self._origin, self.cancel, sample_round,
                      round_wall, late, targets[w]))
                 if server:
                     self.totals.vector_comms += 1  # the download of the point
@@ -635,7 +648,7 @@ class RayRuntime(Runtime):
             now = time.time() - round_wall
             for w in live:
                 if waiting[w] and extra[w] > 0:
-                    self._send(self._host_of[w], "extend", w, r, extra[w])
+                    self._send(self._host_of[w], "extend", w, r, extra[w], reply=False)
                     # its next finishes come after this moment; nothing earlier is unreported, and
                     # a report from before the extension (its stamp) must not raise the horizon;
                     # the long poll it has answers with the extension
@@ -646,7 +659,7 @@ class RayRuntime(Runtime):
         def resume() -> None:
             """After a worker was lost while stopping: the others continue the same round."""
             for w in sorted(self._alive):
-                self._send(self._host_of[w], "resume", w, r)
+                self._send(self._host_of[w], "resume", w, r, reply=False)
                 horizon[w], busy[w], waiting[w] = -INF, True, False
             for a in sorted({self._host_of[w] for w in self._alive}):
                 keep_polling(a)

@@ -94,6 +94,11 @@ def _interface_of(ip: str) -> str | None:
     return None
 
 
+def _get(ref):
+    import ray
+    return ray.get(ref)
+
+
 class JobRequest:
     """A per-gradient job waiting in a hosting actor: worker, point, job index; then its result."""
 
@@ -298,6 +303,17 @@ class WorkerActor:
         once: the compute thread sees all of them together, so their first jobs form one
         rollout. With ``since``, the call goes on as the round's first :meth:`progress` poll (one
         message instead of two)."""
+        fetched: dict = {}
+
+        def value(point):
+            """A large point comes through the object store (Ray calls): one fetch per reference."""
+            if point is None or isinstance(point, np.ndarray):
+                return point
+            if point not in fetched:
+                fetched[point] = _get(point)
+            return fetched[point]
+
+        begins = [b[:2] + (value(b[2]),) + b[3:] for b in begins]
         with self.cv:
             running = [(s, s.round, s.job_stop) for s in self.slots.values() if s.job_stop is not None]
             for args in begins:
