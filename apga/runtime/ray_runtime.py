@@ -338,7 +338,7 @@ class RayRuntime(Runtime):
         """Call ``method`` of actor ``a``: over its link if it has one, else as a Ray call; the
         handle goes in ``_calls`` and comes back from :meth:`_wait` / :meth:`_gather`.
         ``reply=False``: nobody waits for the answer, so the link sends none."""
-        ln = self._links[a] if a < len(self._links) else None
+        ln = self._links[a]
         if ln is not None:
             return ln.call(method, *args, reply=reply)
         return getattr(self._actors[a], method).remote(*args)
@@ -501,19 +501,20 @@ class RayRuntime(Runtime):
         r = self._round_id
         point = alg.round_point()
         point_digest = digest(point)
-        point_ref: list = []  # a large point in the object store, put once (for Ray calls only)
+        point_ref = None  # a large point in the object store, put once (for Ray calls only)
 
         def point_for(a: int):
             """The point as actor ``a``'s begin carries it: None with AllReduce (every worker takes
             it from its actor's protocol copy); by value over a link or when small; else one
             object-store reference for the round (the actor resolves it)."""
+            nonlocal point_ref
             if not server:
                 return None
             if point.nbytes <= INLINE_BYTES or self._links[a] is not None:
                 return point
-            if not point_ref:
-                point_ref.append(ray.put(point))
-            return point_ref[0]
+            if point_ref is None:
+                point_ref = ray.put(point)
+            return point_ref
         quotas = [alg.quota(w) for w in range(n)]
         last = getattr(self, "_last_counts", None)
         # Expect the lost workers back if the round cannot close without them (a late begin

@@ -94,11 +94,6 @@ def _interface_of(ip: str) -> str | None:
     return None
 
 
-def _get(ref):
-    import ray
-    return ray.get(ref)
-
-
 class JobRequest:
     """A per-gradient job waiting in a hosting actor: worker, point, job index; then its result."""
 
@@ -310,7 +305,8 @@ class WorkerActor:
             if point is None or isinstance(point, np.ndarray):
                 return point
             if point not in fetched:
-                fetched[point] = _get(point)
+                import ray
+                fetched[point] = ray.get(point)
             return fetched[point]
 
         begins = [b[:2] + (value(b[2]),) + b[3:] for b in begins]
