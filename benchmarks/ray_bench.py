@@ -146,6 +146,16 @@ def steps_per_s(result: dict) -> float:
     return result["env_steps"] / result["wall"]
 
 
+def geomean(ratios: list[float]) -> tuple[float, float, float]:
+    """Geometric mean of ``ratios`` and its 90 % bootstrap interval (apga.stats, over the logs)."""
+    ci = bootstrap_interval(np.log(ratios), np.mean)
+    return math.exp(ci["estimate"]), math.exp(ci["low"]), math.exp(ci["high"])
+
+
+# the runs of a pair: runtime name and runtime.direct_calls
+RUNS = {"ray": ("ray", True), "sim": ("sim", True), "ray_calls": ("ray", False)}
+
+
 def equal_cores(args) -> list[dict]:
     """Env steps of used trajectories per wall second, simulator (processes = cores) vs Ray
     (a local instance with that many CPUs), for every setting of the matrix; ``--repeats`` pairs
@@ -167,8 +177,9 @@ def equal_cores(args) -> list[dict]:
                         pair = {}
                         kinds = ("ray", "sim", "ray_calls") if args.ray_calls_too else ("ray", "sim")
                         for kind in kinds[k % len(kinds):] + kinds[:k % len(kinds)]:
-                            cfg = matrix_cfg(env, horizon, n, method, aggregation, kind.split("_")[0], updates + 1,
-                                             cores, args, direct_calls=kind != "ray_calls")
+                            runtime, direct = RUNS[kind]
+                            cfg = matrix_cfg(env, horizon, n, method, aggregation, runtime, updates + 1,
+                                             cores, args, direct_calls=direct)
                             quiet()
                             pair[kind] = run(cfg, updates + 1, warmup=1)
                         row["pairs"].append(pair)
@@ -196,8 +207,7 @@ def equal_cores(args) -> list[dict]:
         sim_wasted = sum(p["sim"]["computed"] - p["sim"]["used"] for p in pairs)
         name = f"{row['method']}/{row['aggregation']}" if row["method"] == "rennala_nigt" else row["method"]
         spread = f"({min(ratios):.2f}, {max(ratios):.2f})" if len(ratios) > 1 else ""
-        ci = bootstrap_interval(np.log(ratios), np.mean)  # of the log ratios: a geometric mean
-        geo = {key: math.exp(ci[key]) for key in ("estimate", "low", "high")}
+        geo = dict(zip(("estimate", "low", "high"), geomean(ratios)))
         geo_text = f"{geo['estimate']:.2f} [{geo['low']:.2f}, {geo['high']:.2f}]"
         # where a Ray update's time goes: median wall ms per update, and of it the stop .. update
         # part (halts, uploads or the AllReduce, the step), over all pairs' updates after the first
@@ -216,17 +226,15 @@ def equal_cores(args) -> list[dict]:
         if "ray_calls" in pairs[0]:
             without = [steps_per_s(p["ray_calls"]) / steps_per_s(p["sim"]) for p in pairs]
             gain = [steps_per_s(p["ray"]) / steps_per_s(p["ray_calls"]) for p in pairs]
-            ci = bootstrap_interval(np.log(gain), np.mean)
+            g, low, high = geomean(gain)
             out[-1].update(ratio_ray_calls=statistics.median(without), ratios_ray_calls=without,
                            link_gain=statistics.median(gain), link_gains=gain,
-                           link_gain_geomean=math.exp(ci["estimate"]),
-                           link_gain_geomean_ci90=[math.exp(ci["low"]), math.exp(ci["high"])],
+                           link_gain_geomean=g, link_gain_geomean_ci90=[low, high],
                            ray_calls_ms_per_update=1000 * statistics.median(
                                p["ray_calls"]["wall"] / row["updates"] for p in pairs))
             print(f" {'':<11} {'':>3} {'  without links':<22} Ray/sim {statistics.median(without):.2f} "
                   f"({min(without):.2f}, {max(without):.2f}); with / without links "
-                  f"{statistics.median(gain):.2f}, geo mean {math.exp(ci['estimate']):.2f} "
-                  f"[{math.exp(ci['low']):.2f}, {math.exp(ci['high']):.2f}]; "
+                  f"{statistics.median(gain):.2f}, geo mean {g:.2f} [{low:.2f}, {high:.2f}]; "
                   f"ms/update {out[-1]['ray_calls_ms_per_update']:.1f}")
     try:
         load = os.getloadavg()
