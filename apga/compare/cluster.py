@@ -58,8 +58,10 @@ def check_shared_filesystem(out: str) -> None:
         reader = ray.remote(num_cpus=0)(_read_marker)
         refs = {reader.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
                 .remote(path): n for n in nodes}
-        for ref, node in refs.items():
-            ip, seen = ray.get(ref, timeout=120)
+        # Every read is awaited before any node is named: a task still pending when the driver
+        # disconnects makes Ray log an error line on stderr after ours.
+        answers = ray.get(list(refs), timeout=120)
+        for (ip, seen), node in zip(answers, refs.values()):
             if seen != token:
                 what = "cannot read" if seen is None else "sees another directory at"
                 raise ApgaError(f"--address: node {node['NodeID'][:12]} ({ip}) {what} {os.path.abspath(out)!r}: "
