@@ -18,8 +18,9 @@ ratio into three factors whose product it is:
 It also splits the cores' time inside apga's rounds (`cores_time`, shares summing to 1):
 physics; the step loop's own work (policy forwards, observations, bookkeeping: the loop's CPU
 time less the physics'); the gradient passes (torch); and the rest, mostly waiting: a thread
-whose block of trajectories ended waits for the other blocks (trajectories differ in physics
-cost, so equal blocks end at different times), plus resets, noise draws and the update.
+whose block of trajectories ended waits for the other blocks (blocks of equal size still differ
+in physics cost: their trajectories' states, their cores' speed), plus resets, noise draws and
+the update.
 `block_end_gap` is the mean, over rounds, of the time between the first and the last block's
 end, as a share of the round's wall time.
 
