@@ -363,11 +363,15 @@ class WorkerActor:
         if sent:  # the point's download: from the driver's round start to when it is here
             s.timings.append(("download", s.not_before - round_wall))
         # Nominal start of the round's first job: after the download, or when a discarded
-        # job of the last round (cancel: false) or a late join lets the worker start.
+        # job of the last round (cancel: false) or a late join lets the worker start. A job
+        # cancelled by its halt (its stop set) or by this begin (cancel: true, begin_all) holds
+        # nothing up, even while the compute thread has not yet noticed.
         s.nominal_begin = download
-        if late or s.job_stop is not None:
+        finishing = s.job_stop is not None and not cancel and not s.job_stop.is_set()
+        if late or finishing:
             s.nominal_begin = max(download, (now if late else s.busy_until) - round_wall)
         s.elapsed = Fraction(0)
+        s.inflight_finish = None  # the last round's job in flight (if any) finishes nothing of this one
         s.stamp += 1
         s.begin_stamp = s.stamp
 
