@@ -182,13 +182,13 @@ class Call:
 class Link:
     """The driver's end of one actor's link."""
 
-    def __init__(self, address, authkey: bytes, timeout: float = HANDSHAKE):
+    def __init__(self, address, authkey: bytes, timeout: float = HANDSHAKE, incarnation: str | None = None):
         self.address = tuple(address)
         self.conn = _connect(self.address, authkey, timeout)
         self.ids = itertools.count()
         self.open: dict[int, Call] = {}
         self.lost = False
-        self.incarnation = None  # set by the runtime: the actor incarnation this link leads to
+        self.incarnation = incarnation  # the actor incarnation this link leads to (the runtime's record)
 
     def call(self, method: str, *args, reply: bool = True) -> Call:
         """Send a call; with ``reply=False`` the actor sends nothing back (the Call is done at once)."""

@@ -327,16 +327,15 @@ class RayRuntime(Runtime):
         if old is not None:
             old.close()
         try:
-            self._links[a] = link.Link(info["link"], self._authkey)
-            self._links[a].incarnation = info["incarnation"]
+            self._links[a] = link.Link(info["link"], self._authkey, incarnation=info["incarnation"])
         except OSError as exc:
             self._links[a] = None
             log.warning("no direct link to the actor of workers %s at %s (%s): its calls go through Ray",
                         self._groups[a], info["link"], exc)
 
     def _send(self, a: int, method: str, *args, reply: bool = True):
-        """Call ``method`` of actor ``a``: over its link if it has one, else as a Ray call; the
-        handle goes in ``_calls`` and comes back from :meth:`_wait` / :meth:`_gather`.
+        """Call ``method`` of actor ``a``: over its link if it has one, else as a Ray call. The
+        handle it returns (a link Call or a Ray ref) is what :meth:`_wait` / :meth:`_gather` take.
         ``reply=False``: nobody waits for the answer, so the link sends none."""
         ln = self._links[a]
         if ln is not None:
